@@ -1,0 +1,120 @@
+"""Parameter and FLOPs accounting, resolution-aware. Pure arithmetic on a SpiralConfig.
+
+FLOPs count 2 per multiply-add of every matmul in one forward pass over a prefill of L tokens:
+each layer's linears at its own length (pre/post at L, the shared core once per iteration at
+L_t), attention scores and values as 4 * l^2 * d (the convention Table 1 uses: no causal
+discount), the LM head, plus the resampling scorers/routers and MeSH routers/reads/writes.
+Training FLOPs per token are 3x the forward (forward + backward); MFU uses these numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+from megatron_spiral.config import SpiralConfig
+from megatron_spiral.model.chunking import num_chunks
+
+
+def layer_params(config: SpiralConfig) -> int:
+    """One GPT-NeoX layer: QKV + out projection + MLP, all with biases, two norms.
+    With ffn = 4d and LayerNorm this is 12 d^2 + 13 d."""
+    d, f = config.hidden_size, config.ffn_size
+    attention = 3 * d * d + 3 * d + d * d + d
+    mlp = d * f + f + f * d + d
+    return attention + mlp + 2 * norm_params(config)
+
+
+def norm_params(config: SpiralConfig) -> int:
+    return config.hidden_size * (1 if config.normalization == "RMSNorm" else 2)
+
+
+def resampler_params(config: SpiralConfig) -> int:
+    d = config.hidden_size
+    total = 0
+    for g in config.chunk_sizes:
+        if g == 1:
+            continue  # both softmaxes would be over one element: no parameters are built
+        if config.downscale == "self_aggregation":
+            total += d
+        if config.upscale == "router":
+            total += d * g + g
+    return total
+
+
+def topology_params(config: SpiralConfig) -> int:
+    if not config.parsed_layout.is_looped or config.topology != "mesh":
+        return 0
+    slots = config.num_mesh_slots
+    return 2 * (config.num_iterations + 1) * (config.hidden_size * slots + slots)
+
+
+@dataclass
+class ParamCount:
+    total: int
+    non_embedding: int
+    breakdown: Dict[str, int] = field(default_factory=dict)
+
+
+def count_params(config: SpiralConfig) -> ParamCount:
+    """Parameters of the built model (equal to ``sum(p.numel())`` of SpiralGPTModel at TP=1)."""
+    layout = config.parsed_layout
+    d, vocab = config.hidden_size, config.padded_vocab_size
+    parts = {
+        "layers": layout.num_unique_layers * layer_params(config),
+        "final_norm": norm_params(config),
+        "resampling": resampler_params(config),
+        "topology": topology_params(config),
+        "embedding": vocab * d,
+        "output_layer": vocab * d,
+    }
+    total = sum(parts.values())
+    return ParamCount(total, total - parts["embedding"] - parts["output_layer"], parts)
+
+
+def layer_forward_flops(config: SpiralConfig, length: int) -> int:
+    """Matmul FLOPs of one layer over a sequence of ``length`` tokens."""
+    d, f = config.hidden_size, config.ffn_size
+    linear = 2 * length * (4 * d * d + 2 * d * f)
+    attention = 4 * length * length * d
+    return linear + attention
+
+
+@dataclass
+class FlopsCount:
+    total: int
+    breakdown: Dict[str, int] = field(default_factory=dict)
+    lengths: list = field(default_factory=list)
+
+
+def forward_flops(config: SpiralConfig, seq_length: int = None) -> FlopsCount:
+    """Forward FLOPs of one prefill sequence of ``seq_length`` tokens (default config.seq_length)."""
+    length = seq_length or config.seq_length
+    layout = config.parsed_layout
+    d = config.hidden_size
+    parts = {
+        "pre_post_layers": (layout.num_pre + layout.num_post) * layer_forward_flops(config, length),
+        "core_layers": 0,
+        "resampling": 0,
+        "topology": 0,
+        "lm_head": 2 * length * d * config.padded_vocab_size,
+    }
+    lengths = []
+    for g, omega in zip(config.chunk_sizes, config.chunk_offsets):
+        latents = num_chunks(length, g, omega)
+        lengths.append(latents)
+        parts["core_layers"] += layout.num_loop * layer_forward_flops(config, latents)
+        if g > 1:
+            down = 4 * length * d if config.downscale == "self_aggregation" else length * d
+            up = 2 * latents * d * g + length * d if config.upscale == "router" else length * d
+            parts["resampling"] += down + up
+    if layout.is_looped and config.topology == "mesh":
+        slots = config.num_mesh_slots
+        per_update = 2 * (2 * length * d * slots) + 2 * (2 * length * d * slots)  # routers + write/read
+        parts["topology"] = per_update * (config.num_iterations + 1)
+    return FlopsCount(sum(parts.values()), parts, lengths)
+
+
+def training_flops_per_sequence(config: SpiralConfig, seq_length: int = None) -> int:
+    """Forward + backward (x3) FLOPs of one training sequence; used for TFLOP/s and MFU."""
+    return 3 * forward_flops(config, seq_length).total

@@ -1,0 +1,255 @@
+"""SpiralConfig: the architecture of a SpiralFormer (or its looped / non-looped baselines).
+
+The paper's layer-allocation notation is accepted directly (§3.1, App. F)::
+
+    "2+4x{1/8,1/4,1/2,1}+2"   N_pre + N_loop x {r_0, ..., r_{T-1}} + N_post   ("×" also accepted)
+    "2+4x{1,1}+2"             LoopedFormer: the same core twice at full resolution
+    "12"                      non-looped baseline (Pythia-style GPT-NeoX stack of 12 layers)
+
+Derived per-iteration quantities (all pure functions of the config):
+chunk size g_t = floor(1/r_t) (eq. 13), offset omega_t (eq. 12: floor(g_t/2) for ``half``, 0 for
+``zero``), shift s_t (eq. 22: g_t-1 for ``overlap``, g_t for ``parallel``, or an explicit integer
+that must be >= g_t - 1 for every t, Proposition 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import List, Optional, Tuple
+
+TOPOLOGIES = ("anchor", "mesh")
+DOWNSCALES = ("self_aggregation", "mean")
+UPSCALES = ("router", "uniform")
+SHIFT_MODES = ("overlap", "parallel")
+CHUNK_OFFSETS = ("half", "zero")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+class SpiralConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parsed layer allocation N_pre + N_loop x {r_t} + N_post."""
+
+    num_pre: int
+    num_loop: int
+    resolutions: Tuple[Fraction, ...]
+    num_post: int
+
+    @property
+    def is_looped(self) -> bool:
+        return len(self.resolutions) > 0
+
+    @property
+    def num_iterations(self) -> int:
+        return len(self.resolutions)
+
+    @property
+    def num_unique_layers(self) -> int:
+        return self.num_pre + self.num_loop + self.num_post
+
+    def __str__(self) -> str:
+        if not self.is_looped:
+            return str(self.num_pre)
+        rs = ",".join(str(r) for r in self.resolutions)
+        return f"{self.num_pre}+{self.num_loop}x{{{rs}}}+{self.num_post}"
+
+
+_LOOPED_RE = re.compile(r"^(\d+)\+(\d+)[x×*]\{([^{}]*)\}\+(\d+)$")
+
+
+def parse_resolution(text: str) -> Fraction:
+    """``"1/8"`` / ``"0.125"`` / ``"1"`` -> Fraction in (0, 1]."""
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise SpiralConfigError(
+            f"resolution {text!r} is not a number; write fractions like 1/8 or decimals like 0.125"
+        ) from None
+    if not (0 < value <= 1):
+        raise SpiralConfigError(f"resolution {text!r} must lie in (0, 1] (eq. 7: L_t = r_t L)")
+    return value
+
+
+def parse_layout(text: str) -> Layout:
+    """Parse the paper's layout notation (see module docstring)."""
+    compact = re.sub(r"\s+", "", str(text))
+    if compact.isdigit():
+        layers = int(compact)
+        if layers < 1:
+            raise SpiralConfigError("a non-looped layout needs at least one layer, e.g. '12'")
+        return Layout(layers, 0, (), 0)
+    match = _LOOPED_RE.match(compact)
+    if not match:
+        raise SpiralConfigError(
+            f"cannot parse layout {text!r}: expected 'N_pre+N_loopx{{r_0,...,r_T-1}}+N_post' "
+            "(e.g. '2+4x{1/8,1/4,1/2,1}+2', '×' also accepted) or a plain layer count like '12'"
+        )
+    pre, loop, rs, post = match.groups()
+    if not rs:
+        raise SpiralConfigError(f"layout {text!r} has an empty resolution schedule {{}}")
+    resolutions = tuple(parse_resolution(r) for r in rs.split(","))
+    if int(loop) < 1:
+        raise SpiralConfigError(f"layout {text!r}: the shared core needs N_loop >= 1 layers")
+    return Layout(int(pre), int(loop), resolutions, int(post))
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class SpiralConfig:
+    """Architecture of one model. Field names double as Megatron flags (``--hidden-size``)."""
+
+    layout: str = field(default="1+2x{1/4,1/2,1}+1", metadata=_help(
+        "layer allocation in the paper's notation: 'N_pre+N_loopx{r_0,...}+N_post' "
+        "(e.g. '4+8x{1/8,1/4,1/2,1}+4'; LoopedFormer: '{1,1}'), or a plain layer count "
+        "for the non-looped baseline", flag="--spiral-layout"))
+    topology: str = field(default="mesh", metadata=_help(
+        "loop-state topology: 'anchor' (eq. 5) or 'mesh' (MeSH memory slots, eq. 24-30)",
+        choices=TOPOLOGIES, flag="--spiral-topology"))
+    mesh_slots: Optional[int] = field(default=None, metadata=_help(
+        "MeSH buffer slots B (default T+3)", flag="--spiral-mesh-slots"))
+    downscale: str = field(default="self_aggregation", metadata=_help(
+        "down-scaling operator: 'self_aggregation' (eq. 17-18) or 'mean' pooling (eq. 16)",
+        choices=DOWNSCALES, flag="--spiral-downscale"))
+    upscale: str = field(default="router", metadata=_help(
+        "up-scaling operator: output-dependent 'router' (eq. 21) or 'uniform' broadcast (eq. 20)",
+        choices=UPSCALES, flag="--spiral-upscale"))
+    shift: str = field(default="overlap", metadata=_help(
+        "causal right-shift s_t (eq. 22): 'overlap' (g_t-1), 'parallel' (g_t) or an integer "
+        ">= g_t-1 for every iteration", flag="--spiral-shift"))
+    chunk_offset: str = field(default="half", metadata=_help(
+        "chunk offset omega_t (eq. 12): 'half' (floor(g_t/2)) or 'zero'",
+        choices=CHUNK_OFFSETS, flag="--spiral-chunk-offset"))
+
+    hidden_size: int = field(default=64, metadata=_help("model width d"))
+    num_attention_heads: int = field(default=4, metadata=_help("attention heads per layer"))
+    ffn_hidden_size: Optional[int] = field(default=None, metadata=_help(
+        "MLP width (default 4 x hidden size)"))
+    vocab_size: int = field(default=256, metadata=_help(
+        "real tokenizer vocabulary; padded to a multiple of --make-vocab-size-divisible-by"))
+    make_vocab_size_divisible_by: int = field(default=128, metadata=_help(
+        "pad the vocabulary to a multiple of this (Megatron's rule; kept independent of TP so "
+        "checkpoints reshard)"))
+    seq_length: int = field(default=64, metadata=_help("maximum training sequence length L"))
+    normalization: str = field(default="LayerNorm", metadata=_help(
+        "norm inside every block: 'LayerNorm' (Pythia/GPT-NeoX, 12d^2+13d per layer) or "
+        "'RMSNorm'", choices=NORMALIZATIONS))
+    layernorm_epsilon: float = field(default=1e-5, metadata=_help("norm epsilon"))
+    rotary_percent: float = field(default=1.0, metadata=_help(
+        "fraction of each head's dimensions that RoPE rotates (Pythia used 0.25)"))
+    rotary_base: int = field(default=10000, metadata=_help("RoPE base period"))
+    init_method_std: float = field(default=0.02, metadata=_help("std of weight initialisation"))
+    transformer_impl: str = field(default="auto", metadata=_help(
+        "layer implementation: 'transformer_engine' when it imports ('auto'), else 'local' "
+        "(megatron parallel linears + torch SDPA)", choices=TRANSFORMER_IMPLS))
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        self.shift = str(self.shift)
+        self.validate()
+
+    def validate(self) -> None:
+        layout = parse_layout(self.layout)
+        _choice("topology", self.topology, TOPOLOGIES)
+        _choice("downscale", self.downscale, DOWNSCALES)
+        _choice("upscale", self.upscale, UPSCALES)
+        _choice("chunk_offset", self.chunk_offset, CHUNK_OFFSETS)
+        _choice("normalization", self.normalization, NORMALIZATIONS)
+        _choice("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        for name in ("hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                     "make_vocab_size_divisible_by"):
+            if int(getattr(self, name)) < 1:
+                raise SpiralConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise SpiralConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; pick a head count that divides the width")
+        if not 0 < self.rotary_percent <= 1:
+            raise SpiralConfigError(f"rotary_percent must lie in (0, 1], got {self.rotary_percent}")
+        if self.mesh_slots is not None and self.mesh_slots < 1:
+            raise SpiralConfigError(f"mesh_slots must be >= 1 (B memory slots), got {self.mesh_slots}")
+        self.shifts  # raises on a causality-breaking integer shift
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def parsed_layout(self) -> Layout:
+        return parse_layout(self.layout)
+
+    @property
+    def resolutions(self) -> Tuple[Fraction, ...]:
+        return self.parsed_layout.resolutions
+
+    @property
+    def num_iterations(self) -> int:
+        return self.parsed_layout.num_iterations
+
+    @property
+    def chunk_sizes(self) -> List[int]:
+        """g_t = floor(1 / r_t) (eq. 13)."""
+        return [int(1 // r) for r in self.resolutions]
+
+    @property
+    def chunk_offsets(self) -> List[int]:
+        """omega_t (eq. 12): floor(g_t / 2) for 'half', 0 for 'zero'."""
+        return [g // 2 if self.chunk_offset == "half" else 0 for g in self.chunk_sizes]
+
+    @property
+    def shifts(self) -> List[int]:
+        """s_t (eq. 22). Integers below g_t - 1 break strict causality (Proposition 1)."""
+        sizes = self.chunk_sizes
+        if self.shift == "overlap":
+            return [g - 1 for g in sizes]
+        if self.shift == "parallel":
+            return [g for g in sizes]
+        try:
+            value = int(self.shift)
+        except ValueError:
+            raise SpiralConfigError(
+                f"shift={self.shift!r} is not one of {SHIFT_MODES} or an integer") from None
+        for t, g in enumerate(sizes):
+            if value < g - 1:
+                raise SpiralConfigError(
+                    f"shift={value} breaks strict causality at iteration {t} (chunk size g={g}): "
+                    f"Proposition 1 needs s_t >= g_t - 1 = {g - 1}; use 'overlap', 'parallel' or "
+                    f"an integer >= {max(sizes) - 1}")
+        return [value] * len(sizes)
+
+    @property
+    def num_mesh_slots(self) -> int:
+        """B = T + 3 by default (Yu et al. 2025)."""
+        return self.mesh_slots if self.mesh_slots is not None else self.num_iterations + 3
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
+
+    def replace(self, **overrides) -> "SpiralConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise SpiralConfigError(
+                f"unknown config field(s) {sorted(unknown)}; valid fields: "
+                f"{sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpiralConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}")
+

@@ -1,0 +1,160 @@
+"""SpiralBlock: pre block -> shared core over the resolution schedule -> post block (Algorithm 1).
+
+It replaces GPTModel's decoder. Per loop iteration t (eq. 8-11, 22):
+
+    z      = S_down(h)            causal down-scaling to L_t chunk latents
+    zhat   = f_loop(z)            shared core, causal attention at length L_t
+    u      = S_up(zhat)           up-scaling back to L tokens
+    u~     = shift(u, s_t)        causal right shift
+    h, H   = U(u~, h, H; t)       topology update (anchor or MeSH)
+
+RoPE on the compressed sequence: latent j sits at position j (its chunk index), i.e. the core
+sees an ordinary sequence of length L_t. Training, decoding and the HF export all use this.
+
+Tensor/sequence parallelism: hidden states are [L/tp, b, d] shards under SP. Down/up-scaling
+mixes neighbouring tokens and chunks straddle shard boundaries, so each iteration gathers the full
+sequence, resamples it identically on every TP rank (gradients split back to shards), and
+re-shards the compressed sequence (zero-padded at the end to a multiple of tp, which causal
+attention ignores) for the core.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_spiral.config import SpiralConfig
+from megatron_spiral.model.resampling import Resampler, causal_shift, pad_to_multiple
+from megatron_spiral.model.topology import build_topology
+
+
+def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection):
+    if num_layers == 0:
+        return None
+    return TransformerBlock(
+        config=config,
+        spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=None),
+        post_layer_norm=False,
+        pre_process=True,
+        post_process=False,
+        pg_collection=pg_collection,
+    )
+
+
+class SpiralBlock(MegatronModule):
+    """The decoder of SpiralGPTModel. A non-looped layout is just the pre stack."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        spiral: SpiralConfig,
+        layer_spec: ModuleSpec,
+        norm_module,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        self.spiral = spiral
+        layout = spiral.parsed_layout
+        self.input_tensor = None  # pipeline-schedule interface of TransformerBlock
+        self.tp_size = config.tensor_model_parallel_size
+        self.sequence_parallel = config.sequence_parallel
+
+        self.pre = _stack(config, layer_spec, layout.num_pre, pg_collection)
+        self.core = _stack(config, layer_spec, layout.num_loop, pg_collection)
+        self.post = _stack(config, layer_spec, layout.num_post, pg_collection)
+        self.final_layernorm = build_module(
+            norm_module, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+
+        self.resamplers = torch.nn.ModuleList(
+            Resampler(config.hidden_size, g, omega, s, spiral.downscale, spiral.upscale,
+                      init_method=config.init_method, params_dtype=config.params_dtype)
+            for g, omega, s in zip(spiral.chunk_sizes, spiral.chunk_offsets, spiral.shifts)
+        )
+        self.topology = None
+        if layout.is_looped:
+            self.topology = build_topology(
+                spiral.topology, config.hidden_size, spiral.num_mesh_slots, layout.num_iterations,
+                init_method=config.init_method, sequence_parallel=config.sequence_parallel,
+                params_dtype=config.params_dtype)
+        # Optional observer called as hook(t, update) with the shifted update u~ of iteration t
+        # (full sequence); used for per-loop diagnostics. None in normal runs.
+        self.update_hook = None
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        self.input_tensor = input_tensor
+
+    # ---------------------------------------------------------------- sequence-parallel helpers
+    def _full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All-gather SP shards; downstream work is replicated, so the backward just splits."""
+        if not self.sequence_parallel:
+            return hidden
+        return tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=False)
+
+    def _local_shard(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return hidden
+        return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+
+    # ---------------------------------------------------------------- Algorithm 1
+    def loop_iteration(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
+        """One multi-resolution step: returns the shifted update u~^(t) on the local shard."""
+        resampler = self.resamplers[t]
+        full_state = self._full_sequence(state)
+        length = full_state.shape[0]
+        num_latents = resampler.num_chunks(length)
+        if num_latents == 0:  # sequence shorter than one chunk: nothing is causal-safe to add
+            return torch.zeros_like(state)
+        latents = resampler.downscale(full_state)  # eq. 8
+        multiple = self.tp_size if self.sequence_parallel else 1
+        core_input = self._local_shard(pad_to_multiple(latents, multiple))
+        core_rope = None if rotary_pos_emb is None else rotary_pos_emb[: core_input.shape[0] * multiple]
+        core_output = self.core(hidden_states=core_input, attention_mask=None,
+                                rotary_pos_emb=core_rope)  # eq. 9
+        core_output = self._full_sequence(core_output)[:num_latents]
+        update = resampler.upscale(core_output, length)  # eq. 10
+        shifted = causal_shift(update, resampler.shift)  # eq. 22
+        if self.update_hook is not None:
+            self.update_hook(t, shifted)
+        return self._local_shard(shifted)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_pos_emb: Optional[torch.Tensor] = None,
+        inference_context=None,
+        **unused,
+    ) -> torch.Tensor:
+        if inference_context is not None:
+            raise NotImplementedError(
+                "megatron's inference contexts are not used by SpiralFormer; decode with "
+                "megatron_spiral.inference (chunk-triggered caches, Algorithm 2)")
+        if self.input_tensor is not None:  # pipeline stage input, mirrors TransformerBlock
+            hidden_states = self.input_tensor
+        embeddings = hidden_states
+        pre_output = self._run(self.pre, embeddings, rotary_pos_emb)  # v = f_pre(x)
+        state = pre_output
+        if self.topology is not None:
+            state, carrier = self.topology.initial_state(embeddings, pre_output)
+            for t in range(len(self.resamplers)):
+                update = self.loop_iteration(t, state, rotary_pos_emb)
+                state, carrier = self.topology.update(update, state, carrier, t)  # eq. 11
+        output = self.final_layernorm(self._run(self.post, state, rotary_pos_emb))
+        return make_viewless_tensor(inp=output, requires_grad=True, keep_graph=True)
+
+    @staticmethod
+    def _run(stack: Optional[TransformerBlock], hidden: torch.Tensor, rotary_pos_emb):
+        if stack is None:
+            return hidden
+        return stack(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
+
+    def loop_layers(self) -> List[torch.nn.Module]:
+        return list(self.core.layers) if self.core is not None else []

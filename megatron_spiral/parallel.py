@@ -1,0 +1,78 @@
+"""Process-group and model-parallel setup (explicit; no hidden global configuration).
+
+``initialize_parallel`` is what entry points call (torchrun sets RANK/WORLD_SIZE/MASTER_*);
+``ensure_parallel`` gives notebooks and tests a one-rank gloo group when none exists.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_spiral.compat.cpu import enable_cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    seed: int = 1234,
+    backend: str = None,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialise torch.distributed (from torchrun's env, or a single rank) and megatron's
+    model-parallel groups, then seed the default and tensor-parallel RNG streams."""
+    enable_cpu_compat()
+    if not dist.is_initialized():
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend or default_backend(), rank=rank, world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes))
+    world_size = dist.get_world_size()
+    if world_size % tensor_model_parallel_size:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"{tensor_model_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        current = parallel_state.get_tensor_model_parallel_world_size()
+        if current != tensor_model_parallel_size:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def ensure_parallel(seed: int = 1234) -> None:
+    """One-process convenience: create a one-rank group and TP=1 state if nothing exists yet."""
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        enable_cpu_compat()
+        model_parallel_cuda_manual_seed(seed)
+        return
+    initialize_parallel(tensor_model_parallel_size=1, seed=seed)
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Parameters and resolution-aware prefill FLOPs of a SpiralFormer configuration.
+
+Examples:
+  python tools/model_report.py --preset spiral-b-410m-mesh
+  python tools/model_report.py --spiral-layout "2+4x{1/8,1/4,1/2,1}+2" --hidden-size 768 \\
+      --num-attention-heads 12 --vocab-size 50277 --seq-length 4096 --json
+  python tools/model_report.py --all-presets          # every Table 1 row next to the paper's
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_spiral.analysis.accounting import count_params, forward_flops
+from megatron_spiral.cli import add_dataclass_arguments, explicit_overrides
+from megatron_spiral.config import SpiralConfig, SpiralConfigError
+from megatron_spiral.presets import PAPER_TABLE1, PRESETS, get_preset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                        help="start from a named preset (" + ", ".join(PRESETS) + ")")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with params_total, params_non_embedding, "
+                             "prefill_flops (and details)")
+    parser.add_argument("--all-presets", action="store_true",
+                        help="print every Table 1 preset next to the paper's numbers")
+    add_dataclass_arguments(parser, SpiralConfig, "model (override the preset)", defaults_to_none=True)
+    return parser
+
+
+def report(config: SpiralConfig) -> dict:
+    params = count_params(config)
+    flops = forward_flops(config)
+    return {
+        "layout": config.layout,
+        "topology": config.topology if config.parsed_layout.is_looped else None,
+        "seq_length": config.seq_length,
+        "params_total": params.total,
+        "params_non_embedding": params.non_embedding,
+        "prefill_flops": flops.total,
+        "params_breakdown": params.breakdown,
+        "flops_breakdown": flops.breakdown,
+        "iteration_lengths": flops.lengths,
+        "chunk_sizes": config.chunk_sizes,
+        "chunk_offsets": config.chunk_offsets,
+        "shifts": config.shifts,
+    }
+
+
+def print_human(name: str, config: SpiralConfig, info: dict) -> None:
+    print(f"model        : {name}")
+    print(f"layout       : {config.layout}   topology={info['topology']}  d={config.hidden_size} "
+          f"heads={config.num_attention_heads}  vocab={config.vocab_size}->{config.padded_vocab_size}")
+    if config.parsed_layout.is_looped:
+        print(f"schedule     : g_t={info['chunk_sizes']} omega_t={info['chunk_offsets']} "
+              f"s_t={info['shifts']}  L_t={info['iteration_lengths']} (L={config.seq_length})")
+        print(f"resampling   : down={config.downscale} up={config.upscale}")
+    print(f"params       : {info['params_total'] / 1e6:.1f}M total / "
+          f"{info['params_non_embedding'] / 1e6:.1f}M non-embedding")
+    print(f"prefill FLOPs: {info['prefill_flops'] / 1e12:.3f}e12 ({config.seq_length} tokens)")
+    if name in PAPER_TABLE1:
+        total, non_emb, tflops = PAPER_TABLE1[name]
+        print(f"paper Table 1: {total}M / {non_emb}M, {tflops}e12")
+
+
+def print_all_presets() -> None:
+    header = f"{'preset':24s} {'total M':>9s} {'paper':>8s} {'non-emb M':>10s} {'paper':>8s} {'TFLOPs':>8s} {'paper':>7s}"
+    print(header)
+    print("-" * len(header))
+    for name, (p_total, p_non_emb, p_flops) in PAPER_TABLE1.items():
+        info = report(get_preset(name))
+        print(f"{name:24s} {info['params_total'] / 1e6:9.1f} {p_total:8.1f} "
+              f"{info['params_non_embedding'] / 1e6:10.1f} {p_non_emb:8.1f} "
+              f"{info['prefill_flops'] / 1e12:8.3f} {p_flops:7.2f}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.all_presets:
+        print_all_presets()
+        return 0
+    overrides = explicit_overrides(args, SpiralConfig)
+    try:
+        if args.preset:
+            config, name = get_preset(args.preset, **overrides), args.preset
+        else:
+            config, name = SpiralConfig(**overrides), "custom"
+    except SpiralConfigError as err:
+        parser.exit(2, f"model_report.py: error: {err}\n")
+    info = report(config)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print_human(name, config, info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
