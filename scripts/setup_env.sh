@@ -27,3 +27,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "${pip[@]}" -r "$root/requirements.txt"
   echo "$want" > "$stamp"
 fi
+# The package itself, editable, so tools and entry points run from any directory.
+if ! (cd / && "$venv/bin/python" -c "import megatron_spiral" 2>/dev/null); then
+  echo "[setup] installing megatron_spiral (editable)"
+  (cd "$root" && "${pip[@]}" --no-build-isolation --no-deps -e .)
+fi

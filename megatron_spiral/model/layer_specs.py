@@ -91,6 +91,9 @@ class SDPACoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        # Probes (tools/probe_attention.py) set a callable that receives the explicit attention
+        # probabilities [b, heads, s, s]; None in training, where SDPA's fused kernels run.
+        self.attention_recorder = None
 
     def forward(
         self,
@@ -111,6 +114,10 @@ class SDPACoreAttention(MegatronModule):
             v = v.repeat_interleave(repeat, dim=1)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None
+        if self.attention_recorder is not None:
+            out = self._explicit_attention(q, k, v, causal, attention_mask)
+            s, b = out.shape[2], out.shape[0]
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=None if causal else _sdpa_mask(attention_mask),
@@ -120,6 +127,19 @@ class SDPACoreAttention(MegatronModule):
         )
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+    def _explicit_attention(self, q, k, v, causal, attention_mask):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        if causal:
+            length = scores.shape[-1]
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        elif attention_mask is not None:
+            scores = scores.masked_fill(attention_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        self.attention_recorder(probs)
+        return torch.matmul(probs.to(v.dtype), v)
 
 
 def _sdpa_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
