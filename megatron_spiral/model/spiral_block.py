@@ -20,6 +20,7 @@ attention ignores) for the core.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -38,8 +39,10 @@ from megatron_spiral.model.topology import build_topology
 def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection):
     if num_layers == 0:
         return None
+    # Each stack is its own megatron block: its checkpoint layer axis has num_layers entries.
+    # (The scaled output-projection init already fixed in ``config`` keeps using the model depth.)
     return TransformerBlock(
-        config=config,
+        config=dataclasses.replace(config, num_layers=num_layers),
         spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=None),
         post_layer_norm=False,
         pre_process=True,
