@@ -146,8 +146,8 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, sharded_state_dict: d
                             tokenizer=None, **metadata) -> str:
     """Save ``sharded_state_dict`` (at least {"model": ...}) as ``iter_{iteration}`` atomically.
 
-    All ranks call this. ``tokenizer`` (optional) must offer ``save_pretrained(dir)`` and
-    ``to_config()``; its files land in ``iter_*/tokenizer``. Returns the final directory.
+    All ranks call this. ``tokenizer`` (optional, a megatron_spiral.tokenizer.SpiralTokenizer)
+    writes its Hugging Face files into ``iter_*/tokenizer``. Returns the final directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -163,8 +163,9 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, sharded_state_dict: d
     if _is_writer():
         tokenizer_meta = None
         if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(staging, TOKENIZER_DIR))
-            tokenizer_meta = tokenizer.to_config()
+            tokenizer.save_hf(os.path.join(staging, TOKENIZER_DIR))
+            tokenizer_meta = {"type": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                              "eod": tokenizer.eod, "pad": tokenizer.pad, "directory": TOKENIZER_DIR}
         write_metadata(staging, model_config, iteration, tokenizer_meta, **metadata)
         publish(staging, final)
         write_tracker(save_dir, iteration)

@@ -9,7 +9,9 @@ the CPU:
   ``get_cuda_rng_tracker().fork()`` really switches random streams on CPU;
 * ``device="cuda"`` literals and ``torch.autocast("cuda")`` inside an explicit list of megatron
   modules (their module-level ``torch`` name is replaced by a proxy that rewrites the device);
-* dist_checkpointing's async writer queue uses a fork context instead of spawn.
+* dist_checkpointing's async writer queue uses a fork context instead of spawn;
+* megatron's optimizers read ``tensor.type()`` strings such as ``torch.cuda.FloatTensor`` while
+  grouping parameters: their constructors see CUDA type names for CPU tensors.
 
 On a CUDA machine it does nothing. It is idempotent.
 """
@@ -152,6 +154,59 @@ def _patch_async_checkpoint_queue() -> None:
         saver.multiprocessing = mp_proxy
 
 
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cuda_type_strings():
+    """While active, ``tensor.type()`` (no arguments) names CPU floats as their CUDA types, which
+    is what megatron's optimizers compare against when sorting parameters into groups."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        if dtype is None:
+            return original(self, **kwargs)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _patch_optimizer_type_checks() -> None:
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib.DistributedOptimizer):
+        original_init = cls.__init__
+
+        def init(self, *args, _original=original_init, **kwargs):
+            with _cuda_type_strings():
+                _original(self, *args, **kwargs)
+
+        cls.__init__ = init
+
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    original_clip = clip_grads.clip_grad_by_total_norm_fp32
+
+    def clip_grad_by_total_norm_fp32(*args, **kwargs):  # asserts grad.type() is a CUDA float
+        with _cuda_type_strings():
+            return original_clip(*args, **kwargs)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    for name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer"):
+        module = importlib.import_module(name)
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
 def enable_cpu_compat() -> bool:
     """Apply the CPU patches if CUDA is absent. Returns True when patches are active."""
     global _ENABLED
@@ -163,6 +218,7 @@ def enable_cpu_compat() -> bool:
     _patch_rng_tracker()
     _patch_cuda_literals()
     _patch_async_checkpoint_queue()
+    _patch_optimizer_type_checks()
     _ENABLED = True
     return True
 

@@ -159,5 +159,8 @@ class SpiralBlock(MegatronModule):
             return hidden
         return stack(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
 
-    def loop_layers(self) -> List[torch.nn.Module]:
-        return list(self.core.layers) if self.core is not None else []
+    @property
+    def layers(self) -> List[torch.nn.Module]:
+        """Every unique layer (pre, core, post); megatron's schedules iterate ``decoder.layers``."""
+        return [layer for stack in (self.pre, self.core, self.post) if stack is not None
+                for layer in stack.layers]
