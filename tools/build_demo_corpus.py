@@ -7,7 +7,7 @@ line is ``{"text": ..., "meta": {"pile_set_name": "stdlib-docstrings" | "package
 "package-docs"}}`` so the corpus exercises the same path as the real Pile.
 
 Example:
-  python tools/build_demo_corpus.py --output demo_output/corpus --max-mb 8 --valid-fraction 0.02
+  python tools/build_demo_corpus.py --output demo_output/corpus.jsonl --max-mb 8
 """
 
 from __future__ import annotations
@@ -63,13 +63,11 @@ def iter_documents(roots):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="output prefix: writes PREFIX_train.jsonl and PREFIX_valid.jsonl")
+    parser.add_argument("--output", required=True, help="output .jsonl file (documents shuffled; "
+                        "hold out validation with pretrain_spiral.py --split)")
     parser.add_argument("--max-mb", type=float, default=8.0, help="stop after this much text (MB)")
-    parser.add_argument("--valid-fraction", type=float, default=0.02, help="documents held out for validation")
     parser.add_argument("--seed", type=int, default=1234, help="shuffle seed")
     args = parser.parse_args(argv)
-    if not 0 < args.valid_fraction < 1:
-        parser.error("--valid-fraction must lie in (0, 1)")
 
     stdlib = sysconfig.get_paths()["stdlib"]
     site = sysconfig.get_paths()["purelib"]
@@ -92,17 +90,13 @@ def main(argv=None) -> int:
               f"{stdlib} or {site}", file=sys.stderr)
         return 1
     random.Random(args.seed).shuffle(documents)
-    n_valid = max(1, int(len(documents) * args.valid_fraction))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    for split, docs in (("valid", documents[:n_valid]), ("train", documents[n_valid:])):
-        path = f"{args.output}_{split}.jsonl"
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {len(docs)} documents to {path}")
-    print(f"total {len(documents)} documents, {size / 1e6:.1f} MB of text")
+    tmp = args.output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in documents:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.output)  # never leave a half-written corpus under the final name
+    print(f"wrote {len(documents)} documents ({size / 1e6:.1f} MB of text) to {args.output}")
     return 0
 
 
