@@ -16,7 +16,7 @@ BASE = ["--preset", "tiny", "--mock-data", "--seq-length", str(SEQ), "--micro-ba
         "--lr", "3e-3", "--log-interval", "100", "--eval-interval", "0", "--seed", "3"]
 
 
-def _train(argv, iters, consumed_offset=0, hook=None, tokens_offset=0):
+def _train(argv, iters, hook=None, validate=False):
     """Build, optionally resume, train ``iters`` steps on synthetic data; returns the trainer."""
     from megatron.core import parallel_state as ps
 
@@ -33,7 +33,9 @@ def _train(argv, iters, consumed_offset=0, hook=None, tokens_offset=0):
         hook(trainer)
     data = micro_batches(SEQ, VOCAB, 2, 4, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                          state.consumed_train_samples)
-    trainer.reason = trainer.train(data)
+    valid = micro_batches(SEQ, VOCAB, 2, 4, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                          offset=10 ** 6) if validate else None
+    trainer.reason = trainer.train(data, valid)
     return trainer
 
 
@@ -210,3 +212,26 @@ def test_flag_errors_exit_with_a_message(capsys):
         run_config(["--sequence-parallel"])
     assert exit_info.value.code == 2
     assert "--sequence-parallel needs --tensor-model-parallel-size > 1" in capsys.readouterr().err
+
+
+def test_tensorboard_has_megatron_keys_and_loop_diagnostics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _train(["--tensorboard-dir", str(tmp_path), "--log-interval", "2", "--eval-interval", "2",
+                      "--eval-iters", "2"], 4, validate=True)
+    assert 0 < trainer.last_validation_loss < 10
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("lm loss", "learning-rate", "grad-norm", "throughput", "tokens-per-second",
+                "lm loss validation", "lm loss validation ppl",
+                "loop/update-norm/iter0", "loop/mesh-write-entropy/iter0", "loop/mesh-read-entropy/transitional"):
+        assert key in tags, (key, sorted(tags))
+    assert [e.step for e in events.Scalars("lm loss")] == [2, 4]
+    validation = events.Scalars("lm loss validation")
+    assert [e.step for e in validation] == [2, 4]
+    ppl = events.Scalars("lm loss validation ppl")[-1].value
+    assert abs(ppl - __import__("math").exp(validation[-1].value)) < 1e-3 * ppl
+    slots = 3 + 3  # tiny: T = 3 iterations -> B = T + 3
+    entropy = events.Scalars("loop/mesh-write-entropy/iter0")[0].value
+    assert 0 < entropy <= __import__("math").log(slots) + 1e-6
