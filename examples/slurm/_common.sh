@@ -15,6 +15,9 @@ TRAIN_ITERS=$(( TRAIN_TOKENS / (GLOBAL_BATCH * SEQ) ))
 
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=8
+# torchrun forwards SLURM's SIGTERM to the training processes and then waits this long for them
+# (they agree, save, exit 0) before SIGKILL; the default 30 s is too short for a large checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
 srun --kill-on-bad-exit=1 bash -c "

@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Pretrain SpiralFormer (and its LoopedFormer / Pythia baselines) with megatron-core.
+
+    torchrun --nproc_per_node=8 pretrain_spiral.py --preset spiral-b-410m-mesh \\
+        --data-path /data/pile_text_document --tokenizer-type HuggingFaceTokenizer \\
+        --tokenizer-model 20B_tokenizer.json --bf16 --save ckpt --load ckpt ...
+    python pretrain_spiral.py --preset tiny --mock-data --train-iters 20     # one CPU process
+
+Run ``--help`` for every flag (Megatron's names).
+"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    from megatron_spiral.training.arguments import parse_args
+    from megatron_spiral.training.entry import pretrain
+
+    run = parse_args(argv)
+    return pretrain(run)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer may spawn processes: keep the guard
+    sys.exit(main())
