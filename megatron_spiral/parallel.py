@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -16,12 +15,6 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_spiral.compat.cpu import enable_cpu_compat
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def default_backend() -> str:
@@ -50,14 +43,15 @@ def initialize_parallel(
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        if world_size == 1 and "MASTER_PORT" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs = {}
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process needs no rendezvous: an in-process store avoids port races.
+            kwargs["store"] = dist.HashStore()
         dist.init_process_group(
             backend=backend or default_backend(), rank=rank, world_size=world_size,
-            timeout=timedelta(minutes=timeout_minutes))
+            timeout=timedelta(minutes=timeout_minutes), **kwargs)
     world_size = dist.get_world_size()
     if world_size % tensor_model_parallel_size:
         raise ValueError(

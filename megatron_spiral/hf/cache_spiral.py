@@ -1,0 +1,243 @@
+"""Decoding state of SpiralFormer's Algorithm 2 (self-contained: torch + transformers only).
+
+Copied verbatim into every export next to ``modeling_spiral.py``, which runs the equations;
+this file holds what persists between calls: per-(block, iteration, layer) KV caches, the chunk
+buffers B^(t), every compressed latent zhat^(t)_j with its allocation beta^(t)_j, per-row
+positions, and the queue of deferred coarse work (App. E, no-overlap regime).
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from .configuration_spiral import SpiralFormerConfig
+
+
+class _Span:
+    """New tokens of one call: row b gets positions start[b] .. start[b] + count[b] - 1 in slots
+    0..count[b]-1 of a width-K block (slots past count[b] are padding, computed and discarded)."""
+
+    def __init__(self, start: List[int], count: List[int], width: int, device) -> None:
+        self.start, self.count, self.width = list(start), list(count), width
+        self.end = max(start) + width
+        self.fresh = all(p == 0 for p in start)
+        self.uniform = len(set(start)) == 1 and all(c == width for c in count)
+        slot = torch.arange(width, device=device)
+        self.start_t = torch.tensor(start, device=device)
+        self.positions = self.start_t[:, None] + slot
+        self.valid = slot[None] < torch.tensor(count, device=device)[:, None]
+        self.rows = torch.arange(len(start), device=device)[:, None]
+        self._mask = None
+
+    def key_mask(self) -> Optional[torch.Tensor]:
+        if self.uniform and self.width == 1:
+            return None
+        if self._mask is None:
+            keys = torch.arange(self.end, device=self.positions.device)
+            self._mask = (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+        return self._mask
+
+
+class _KV:
+    """K/V of one attention layer, [b, heads, capacity, head_dim], indexed by absolute position."""
+
+    def __init__(self, hint: int = 0) -> None:
+        self.k = self.v = None
+        self.hint = hint  # expected final length: allocate it at once (no growth spikes)
+
+    def _reserve(self, like: torch.Tensor, need: int) -> None:
+        cap = 0 if self.k is None else self.k.shape[2]
+        if need <= cap:
+            return
+        b, h, _, hd = like.shape
+        new_cap = self.hint if self.hint >= need else max(need, 2 * cap, 64)
+        k, v = (like.new_zeros(b, h, new_cap, hd) for _ in range(2))
+        if cap:
+            k[:, :, :cap], v[:, :, :cap] = self.k, self.v
+        self.k, self.v = k, v
+
+    def attend(self, q, k, v, span: _Span, scale: float) -> torch.Tensor:
+        self._reserve(k, span.end)
+        if span.uniform:
+            p = span.start[0]
+            self.k[:, :, p:p + span.width], self.v[:, :, p:p + span.width] = k, v
+        else:
+            self.k[span.rows, :, span.positions] = k.transpose(1, 2)
+            self.v[span.rows, :, span.positions] = v.transpose(1, 2)
+        if span.fresh:  # empty cache: plain causal attention over the new block
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        keys, values = self.k[:, :, :span.end], self.v[:, :, :span.end]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=span.key_mask(), scale=scale)
+
+    def map_batch(self, fn) -> None:
+        if self.k is not None:
+            self.k, self.v = fn(self.k), fn(self.v)
+
+
+_SIDE_STREAMS = {}
+
+
+def _run_job(fn, event=None, device=None) -> None:
+    """Run queued coarse work; on CUDA on a side stream ordered after the producer (``event``)."""
+    with torch.no_grad():
+        if event is None:
+            fn()
+            return
+        with torch.cuda.device(device):
+            stream = _SIDE_STREAMS.get(device)
+            if stream is None:
+                stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+            stream.wait_event(event)
+            with torch.cuda.stream(stream):
+                fn()
+            stream.synchronize()
+
+
+class SpiralCache(Cache):
+    """Decoding state of Algorithm 2 for a batch of rows with independent positions.
+
+    Per block and layer: KV caches of the pre and post stacks (``pre[n]``, ``post[n]``) and one KV
+    cache per loop iteration and core layer (``core[t][n]``: the compressed sequence of iteration
+    t). Per iteration t: the chunk buffer B^(t) (``ring[t]``, the last g_t states h^(t), slot =
+    position mod g_t), every compressed latent zhat^(t)_j so far (``latents[t]``) and its
+    allocation beta^(t)_j (``allocations[t]``, router up-scaling). ``lengths[b]`` counts row b's
+    real tokens; ``get_seq_length()`` counts input columns (HF's notion, padding included).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: SpiralFormerConfig, coarse_schedule: Optional[str] = None,
+                 max_length: Optional[int] = None) -> None:
+        try:
+            super().__init__(layers=[])
+        except TypeError:  # transformers < 4.56
+            super().__init__()
+        self.config = config
+        self.coarse_schedule = coarse_schedule or config.decode_coarse_schedule
+        if self.coarse_schedule not in ("inline", "deferred", "background"):
+            raise ValueError(f"coarse_schedule={self.coarse_schedule!r}: use inline, deferred or background")
+        iters = config.num_iterations
+        self.lengths: Optional[List[int]] = None
+        self.seen_tokens = 0
+        self.max_length = max_length or 0  # optional capacity hint (prompt + new tokens)
+        self.latent_hints = [(self.max_length + o) // g + 1 if max_length else 0
+                             for g, o in zip(config.chunk_sizes, config.chunk_offsets)]
+        self.pre = [_KV(self.max_length) for _ in range(config.num_pre_layers)]
+        self.core = [[_KV(self.latent_hints[t]) for _ in range(config.num_loop_layers)] for t in range(iters)]
+        self.post = [_KV(self.max_length) for _ in range(config.num_post_layers)]
+        self.ring: List[Optional[torch.Tensor]] = [None] * iters
+        self.latents: List[Optional[torch.Tensor]] = [None] * iters
+        self.allocations: List[Optional[torch.Tensor]] = [None] * iters
+        self.coarse_passes = [0] * iters  # chunk computations run so far (for tests / stats)
+        self._pending = [collections.deque() for _ in range(iters)]
+        self._executor: Optional[ThreadPoolExecutor] = None
+
+    # ------------------------------------------------------------ HF Cache interface
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_cache_shape(self, layer_idx: int = 0):
+        return None
+
+    def get_mask_sizes(self, *args, **kwargs):
+        raise NotImplementedError("SpiralCache builds its own masks")
+
+    def __len__(self) -> int:
+        return self.config.num_hidden_layers
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda x: x.index_select(0, beam_idx.to(x.device)), beam_idx.tolist())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        index = torch.arange(len(self.lengths or [])).repeat_interleave(repeats)
+        self.reorder_cache(index)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("SpiralCache cannot be cropped (assisted decoding is unsupported)")
+
+    def _map_batch(self, fn, rows: List[int]) -> None:
+        self.drain()
+        for kv in self.pre + self.post + [kv for per_t in self.core for kv in per_t]:
+            kv.map_batch(fn)
+        for store in (self.ring, self.latents, self.allocations):
+            for t, x in enumerate(store):
+                if x is not None:
+                    store[t] = fn(x)
+        if self.lengths is not None:
+            self.lengths = [self.lengths[r] for r in rows]
+
+    # ------------------------------------------------------------ latent store
+    def reserve_latents(self, t: int, like: torch.Tensor, need: int, g: int, router: bool) -> None:
+        z = self.latents[t]
+        cap = 0 if z is None else z.shape[1]
+        if need <= cap:
+            return
+        self.drain(t)  # a queued job may hold the old tensors
+        b, d = like.shape[0], like.shape[-1]
+        hint = self.latent_hints[t]
+        new_cap = hint if hint >= need else max(need, 2 * cap, 16)
+        new_z = like.new_zeros(b, new_cap, d)
+        new_a = like.new_zeros(b, new_cap, g) if router else None
+        if cap:
+            new_z[:, :cap] = z
+            if router:
+                new_a[:, :cap] = self.allocations[t]
+        self.latents[t], self.allocations[t] = new_z, new_a
+
+    def store_latents(self, t: int, zhat: torch.Tensor, beta: Optional[torch.Tensor], span: _Span) -> None:
+        self.latents[t][span.rows, span.positions] = zhat
+        if beta is not None:
+            self.allocations[t][span.rows, span.positions] = beta
+        self.coarse_passes[t] += 1
+
+    # ------------------------------------------------------------ coarse-work scheduling (App. E)
+    def submit(self, t: int, job, first_chunk: int) -> None:
+        """Queue the coarse work of a closed chunk (first read by a later position)."""
+        future = None
+        if self.coarse_schedule == "background":
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="spiral-coarse")
+            event, device = None, self.latents[t].device
+            if device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+            future = self._executor.submit(_run_job, job, event, device)
+        self._pending[t].append((first_chunk, job, future))
+
+    def wait(self, t: int, needed_chunk: int) -> None:
+        """Make zhat^(t)_j available for every j <= needed_chunk (FIFO per iteration)."""
+        queue = self._pending[t]
+        while queue and queue[0][0] <= needed_chunk:
+            _, job, future = queue.popleft()
+            if future is not None:
+                future.result()
+            else:
+                _run_job(job)
+
+    def drain(self, t: Optional[int] = None) -> None:
+        for it in ([t] if t is not None else range(len(self._pending))):
+            self.wait(it, float("inf"))
+
+    def run_deferred(self) -> None:
+        """Run all queued coarse work now (call it in an idle slot, e.g. after sampling)."""
+        self.drain()
+
+    @property
+    def has_pending(self) -> bool:
+        return any(self._pending)
+
+    def close(self) -> None:
+        self.drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

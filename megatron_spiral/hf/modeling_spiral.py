@@ -1,0 +1,626 @@
+"""SpiralFormer for Hugging Face ``transformers`` (self-contained: torch + transformers only).
+
+Copied verbatim into every export made by ``tools/convert_checkpoint.py``. It implements the
+same equations as the megatron-core training model (paper §2, App. B), one function per
+equation, on batch-first tensors ``[batch, sequence, hidden]``:
+
+* Algorithm 1 (full forward, ``SpiralFormerModel.forward_full``): scoring / training-style calls.
+* Algorithm 2 (``SpiralFormerModel.forward_cached`` + ``SpiralCache``): chunk-triggered
+  incremental decoding with per-(block, iteration, layer) KV caches. At iteration t the coarse
+  path (down-scale -> shared core on the compressed sequence -> cached latent) runs only for the
+  chunks that close (rho_t = g_t - 1); every other position reads cached latents. The update of
+  position i uses zhat of chunk pi(i - s_t) at in-chunk slot rho(i - s_t) (eq. 19 + 22), which
+  under shift 'parallel' or integer shifts is an *older* chunk than the latest, so every
+  compressed latent is kept (they are L/g_t x d: tiny). Prefill of k tokens runs batched.
+
+Conventions shared with training (megatron_spiral.model): the partial first chunk under the half
+offset holds g_t - omega_t tokens; self-aggregation's softmax runs over its real members only and
+mean pooling divides by g_t (literal eq. 16); L_t = floor((L + omega_t) / g_t) keeps every complete
+chunk; the compressed sequence uses RoPE positions 0..L_t-1 (chunk index); layers are GPT-NeoX
+style pre-norm blocks (LayerNorm/RMSNorm, biases, exact-erf GELU MLP, non-interleaved RoPE over
+``rotary_percent`` of each head).
+
+Padding: rows may hold different numbers of real tokens (``attention_mask``; left padding is the
+HF convention). SpiralFormer's chunking depends on absolute positions, so every row keeps its own
+position counter: the real tokens of a row are its positions 0, 1, 2, ... wherever its padding is.
+
+No-overlap regime (App. E): with ``decode_coarse_schedule`` 'deferred' or 'background', a decode
+step whose iteration has s_t >= g_t queues the coarse work of a closing chunk instead of running
+it; that latent is first read by a later position, so the work runs in an idle slot
+(``SpiralCache.run_deferred()``), in a worker thread (a side CUDA stream on GPU), or at the
+latest right before the first position that reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache_spiral import SpiralCache, _KV, _Span
+from .configuration_spiral import SpiralFormerConfig
+
+
+# ============================================================================ equations (§2, App. B)
+def chunk_index(i, g: int, omega: int):
+    """pi_t(i) = floor((i + omega_t) / g_t)  (eq. 12). Ints or integer tensors."""
+    return (i + omega) // g
+
+
+def in_chunk_index(i, g: int, omega: int):
+    """rho_t(i) = (i + omega_t) - g_t * pi_t(i)  (eq. 12)."""
+    return (i + omega) - g * chunk_index(i, g, omega)
+
+
+def num_chunks(length: int, g: int, omega: int) -> int:
+    """L_t (eq. 13): chunks whose last slot lies in the sequence, floor((L + omega_t) / g_t)."""
+    return (length + omega) // g
+
+
+def to_chunks(x: torch.Tensor, g: int, omega: int) -> torch.Tensor:
+    """Chunks I_{t,j} over the kept positions V_t (eq. 14-15): [b, L, ...] -> [b, L_t, g, ...].
+
+    ``omega`` empty (zero) slots precede position 0; the incomplete last chunk is dropped."""
+    count = num_chunks(x.shape[1], g, omega)
+    if omega:
+        x = torch.cat([x.new_zeros((x.shape[0], omega) + tuple(x.shape[2:])), x], dim=1)
+    x = x[:, : count * g]
+    return x.reshape((x.shape[0], count, g) + tuple(x.shape[2:]))
+
+
+def from_chunks(x: torch.Tensor, length: int, omega: int) -> torch.Tensor:
+    """Inverse of :func:`to_chunks`: [b, L_t, g, ...] -> [b, L, ...]; dropped positions get 0."""
+    b, count, g = x.shape[:3]
+    flat = x.reshape((b, count * g) + tuple(x.shape[3:]))[:, omega:]
+    missing = length - flat.shape[1]
+    if missing > 0:
+        flat = torch.cat([flat, flat.new_zeros((b, missing) + tuple(flat.shape[2:]))], dim=1)
+    return flat
+
+
+def real_slots(length: int, g: int, omega: int, device=None) -> torch.Tensor:
+    """[L_t, g] mask of chunk slots holding a real token (only chunk 0 is partial, eq. 15)."""
+    count = num_chunks(length, g, omega)
+    return torch.arange(count * g, device=device).view(count, g) >= omega
+
+
+def mean_downscale(members: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean pooling, eq. 16: z_j = (1/g_t) sum_{i in I_{t,j}} h_i (literal: a partial chunk is
+    divided by g_t too). ``members`` [..., g, d], ``real`` [..., g]."""
+    members = torch.where(real.unsqueeze(-1), members, torch.zeros_like(members))
+    return members.sum(dim=-2) / members.shape[-2]
+
+
+def self_aggregation_weights(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """alpha_{j,i} = Softmax_{i in I_{t,j}} A^(t)(h_i)  (eq. 17), over the real members only."""
+    return torch.softmax(scores.float().masked_fill(~real, float("-inf")), dim=-1)
+
+
+def self_aggregation_downscale(members: torch.Tensor, scores: torch.Tensor,
+                               real: torch.Tensor) -> torch.Tensor:
+    """z_j = sum_{i in I_{t,j}} alpha_{j,i} h_i  (eq. 18)."""
+    alpha = self_aggregation_weights(scores, real).to(members.dtype)
+    members = torch.where(real.unsqueeze(-1), members, torch.zeros_like(members))
+    return (alpha.unsqueeze(-1) * members).sum(dim=-2)
+
+
+def upscale_gain(g: int) -> float:
+    """lambda_t = sqrt(g_t)  (§2.3.3, gain scaling)."""
+    return math.sqrt(g)
+
+
+def allocation_weights(router_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """beta_j = Softmax(B^(t)(zhat_j)) over the g_t slots  (eq. 21)."""
+    return torch.softmax(router_logits.float(), dim=-1).to(dtype)
+
+
+def router_upscale(zhat: torch.Tensor, beta: torch.Tensor, length: int, omega: int) -> torch.Tensor:
+    """u_i = lambda_t beta_{pi(i), rho(i)} zhat_{pi(i)}  (eq. 19); zhat [b, L_t, d], beta [b, L_t, g]."""
+    scaled = upscale_gain(beta.shape[-1]) * beta.unsqueeze(-1) * zhat.unsqueeze(-2)
+    return from_chunks(scaled, length, omega)
+
+
+def uniform_upscale(zhat: torch.Tensor, g: int, length: int, omega: int) -> torch.Tensor:
+    """u_i = (lambda_t / g_t) zhat_{pi(i)}  (eq. 20)."""
+    scaled = (upscale_gain(g) / g * zhat).unsqueeze(2).expand(-1, -1, g, -1)
+    return from_chunks(scaled, length, omega)
+
+
+def causal_shift(u: torch.Tensor, s: int) -> torch.Tensor:
+    """u~[i] = 0 for i < s_t, u[i - s_t] otherwise  (eq. 22), along dim 1."""
+    if s == 0:
+        return u
+    length = u.shape[1]
+    pad = u.new_zeros((u.shape[0], min(s, length)) + tuple(u.shape[2:]))
+    return torch.cat([pad, u[:, : max(length - s, 0)]], dim=1)
+
+
+def anchor_update(u_tilde: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """U_anchor: h^(t+1) = u~^(t) + h^(0)  (eq. 5)."""
+    return u_tilde + anchor
+
+
+def slot_weights(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """MeSH write/read routing, Softmax_b(Linear(x))  (eq. 25 / 28)."""
+    return torch.softmax(router(x).float(), dim=-1).to(x.dtype)
+
+
+def mesh_initial_memory(x: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """m_0 = x, m_{b>0} = 0  (eq. 24); memory is [..., d, B]."""
+    return F.pad(x.unsqueeze(-1), (0, num_slots - 1))
+
+
+def mesh_write(memory: torch.Tensor, value: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """m_b <- m_b + value * w_write,b  (eq. 26 / 29)."""
+    return memory + value.unsqueeze(-1) * weights.unsqueeze(-2)
+
+
+def mesh_read(memory: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """h = sum_b m_b * w_read,b  (eq. 27 / 30)."""
+    return torch.einsum("...dk,...k->...d", memory, weights)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, non-interleaved rotate-half on the first ``rot`` dims of each head (megatron's)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    t, rest = x[..., :rot], x[..., rot:]
+    t = t * cos.to(t.dtype) + rotate_half(t) * sin.to(t.dtype)
+    return torch.cat((t, rest), dim=-1)
+
+
+# ============================================================================ layers
+class SpiralNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, rms: bool) -> None:
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.bias = None if rms else nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class SpiralRotary(nn.Module):
+    """cos/sin tables of megatron's RotaryEmbedding for arbitrary per-row positions."""
+
+    def __init__(self, head_dim: int, percent: float, base: float) -> None:
+        super().__init__()
+        self.dim = int(head_dim * percent) if percent < 1.0 else head_dim
+        self.base = base
+        self._inv_freq = {}
+
+    def forward(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions [b, K] -> cos, sin [b, 1, K, rot] (float32)."""
+        inv = self._inv_freq.get(positions.device)
+        if inv is None:
+            inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
+                                                    device=positions.device) / self.dim))
+            self._inv_freq[positions.device] = inv
+        freqs = positions.float().unsqueeze(-1) * inv
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+
+class SpiralAttention(nn.Module):
+    """Causal self-attention. ``qkv_proj`` rows are [all query heads; all key heads; all value
+    heads] (head-major within each block); megatron's per-head interleaving is undone at export."""
+
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.qkv_proj = nn.Linear(d, 3 * d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, x, cos, sin, kv: Optional[_KV] = None, span: Optional[_Span] = None):
+        b, k_len, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, k_len, 3, self.heads, self.head_dim).transpose(1, 3)
+        q, k, v = qkv.unbind(dim=2)  # [b, heads, K, head_dim]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = kv.attend(q, k, v, span, scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, k_len, -1))
+
+
+class SpiralMLP(nn.Module):
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SpiralLayer(nn.Module):
+    """Pre-norm GPT-NeoX block: x + Attn(Norm(x)), then + MLP(Norm(.))."""
+
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__()
+        rms = config.normalization == "RMSNorm"
+        self.input_norm = SpiralNorm(config.hidden_size, config.layer_norm_eps, rms)
+        self.attn = SpiralAttention(config)
+        self.mlp_norm = SpiralNorm(config.hidden_size, config.layer_norm_eps, rms)
+        self.mlp = SpiralMLP(config)
+
+    def forward(self, x, cos, sin, kv=None, span=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, kv, span)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class SpiralResampler(nn.Module):
+    """A^(t) (scorer, no bias) and B^(t) (router, R^d -> R^{g_t}) of iteration t; none at g_t = 1."""
+
+    def __init__(self, config: SpiralFormerConfig, t: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.g, self.omega, self.s = config.chunk_sizes[t], config.chunk_offsets[t], config.shifts[t]
+        multi = self.g > 1
+        self.scorer = nn.Linear(d, 1, bias=False) if multi and config.downscale == "self_aggregation" else None
+        self.router = nn.Linear(d, self.g) if multi and config.upscale == "router" else None
+
+    def downscale(self, members: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """S_down on gathered chunks (eq. 8): members [..., g, d] -> [..., d]."""
+        if self.g == 1:
+            return members[..., 0, :]
+        if self.scorer is not None:
+            return self_aggregation_downscale(members, self.scorer(members).squeeze(-1), real)
+        return mean_downscale(members, real)
+
+    def allocation(self, zhat: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.router is None else allocation_weights(self.router(zhat), zhat.dtype)
+
+    def upscale(self, zhat: torch.Tensor, length: int) -> torch.Tensor:
+        """S_up (eq. 10): [b, L_t, d] -> [b, L, d]."""
+        if self.g == 1:
+            return zhat
+        if self.router is not None:
+            return router_upscale(zhat, self.allocation(zhat), length, self.omega)
+        return uniform_upscale(zhat, self.g, length, self.omega)
+
+
+class SpiralMeSH(nn.Module):
+    """MeSH routers (App. B): pair 0 is the transitional pair, pair t + 1 serves iteration t."""
+
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__()
+        d, slots, pairs = config.hidden_size, config.num_mesh_slots, config.num_iterations + 1
+        self.num_slots = slots
+        self.write_routers = nn.ModuleList(nn.Linear(d, slots) for _ in range(pairs))
+        self.read_routers = nn.ModuleList(nn.Linear(d, slots) for _ in range(pairs))
+
+    def initial(self, x: torch.Tensor, v: torch.Tensor):
+        """Transitional write-read (eq. 24-27) routed by the embeddings x."""
+        memory = mesh_write(mesh_initial_memory(x, self.num_slots), v, slot_weights(self.write_routers[0], x))
+        return mesh_read(memory, slot_weights(self.read_routers[0], x)), memory
+
+    def update(self, u_tilde, h, memory, t: int):
+        """Main-loop write-read (eq. 28-30) routed by h^(t)."""
+        write, read = slot_weights(self.write_routers[t + 1], h), slot_weights(self.read_routers[t + 1], h)
+        memory = mesh_write(memory, u_tilde, write)
+        return mesh_read(memory, read), memory
+
+
+# ============================================================================ models
+class SpiralFormerPreTrainedModel(PreTrainedModel):
+    config_class = SpiralFormerConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SpiralLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, SpiralNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class SpiralFormerModel(SpiralFormerPreTrainedModel):
+    """Embedding -> f_pre -> T multi-resolution iterations of the shared core -> f_post -> norm."""
+
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pre_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_pre_layers))
+        self.core_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_loop_layers))
+        self.post_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_post_layers))
+        self.resamplers = nn.ModuleList(SpiralResampler(config, t) for t in range(config.num_iterations))
+        looped = config.num_iterations > 0
+        self.mesh = SpiralMeSH(config) if looped and config.topology == "mesh" else None
+        self.final_norm = SpiralNorm(config.hidden_size, config.layer_norm_eps,
+                                     config.normalization == "RMSNorm")
+        self.rotary = SpiralRotary(config.head_dim, config.rotary_percent, config.rotary_base)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    # ------------------------------------------------------------ topology (eq. 4-6)
+    def _topology_init(self, x, v):
+        return self.mesh.initial(x, v) if self.mesh is not None else (v, v)  # INITTOPO
+
+    def _topology_update(self, u_tilde, h, carrier, t: int):
+        if self.mesh is not None:
+            return self.mesh.update(u_tilde, h, carrier, t)
+        return anchor_update(u_tilde, carrier), carrier
+
+    def _blocks(self, hidden, span=None, cache=None):
+        """Algorithm 1 lines 1-10 around a per-iteration step (full or cached)."""
+        positions = span.positions if span is not None else torch.arange(
+            hidden.shape[1], device=hidden.device)[None]
+        cos, sin = self.rotary(positions)
+        x, h = hidden, hidden
+        for n, layer in enumerate(self.pre_layers):
+            h = layer(h, cos, sin, None if cache is None else cache.pre[n], span)
+        if self.config.num_iterations:
+            h, carrier = self._topology_init(x, h)
+            for t in range(self.config.num_iterations):
+                u = self._step_full(t, h) if cache is None else self._step_cached(t, h, span, cache)
+                h, carrier = self._topology_update(u, h, carrier, t)  # eq. 11
+        for n, layer in enumerate(self.post_layers):
+            h = layer(h, cos, sin, None if cache is None else cache.post[n], span)
+        return self.final_norm(h)
+
+    # ------------------------------------------------------------ Algorithm 1
+    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [b, L, d] of rows whose real tokens are positions 0..L-1."""
+        return self._blocks(self.embed_tokens(input_ids))
+
+    def _core(self, z: torch.Tensor, t: int, span: Optional[_Span] = None, cache=None) -> torch.Tensor:
+        """f_loop on the compressed sequence (eq. 9); RoPE position = chunk index."""
+        positions = span.positions if span is not None else torch.arange(z.shape[1], device=z.device)[None]
+        cos, sin = self.rotary(positions)
+        for n, layer in enumerate(self.core_layers):
+            z = layer(z, cos, sin, cache.core[t][n] if cache is not None else None, span)
+        return z
+
+    def _step_full(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        """One multi-resolution step on whole sequences: u~^(t) (eq. 8-10, 22)."""
+        res, length = self.resamplers[t], h.shape[1]
+        if num_chunks(length, res.g, res.omega) == 0:
+            return torch.zeros_like(h)
+        real = real_slots(length, res.g, res.omega, h.device)
+        z = res.downscale(to_chunks(h, res.g, res.omega), real.expand(h.shape[0], -1, -1))  # eq. 8
+        u = res.upscale(self._core(z, t), length)  # eq. 9-10
+        return causal_shift(u, res.s)  # eq. 22
+
+    # ------------------------------------------------------------ Algorithm 2
+    def forward_cached(self, input_ids: torch.Tensor, counts: List[int], cache: SpiralCache) -> torch.Tensor:
+        """Extend every row by counts[b] tokens (slots 0..counts[b]-1 of ``input_ids``); returns the
+        hidden states of those tokens. One call with K > 1 is a batched prefill; K = 1 a decode step."""
+        b, width = input_ids.shape
+        if cache.lengths is None:
+            cache.lengths = [0] * b
+        elif len(cache.lengths) != b:
+            raise ValueError(f"the cache holds {len(cache.lengths)} rows but the input has {b}")
+        if width > 1:
+            cache.drain()
+        span = _Span(cache.lengths, counts, width, input_ids.device)
+        hidden = self._blocks(self.embed_tokens(input_ids), span, cache)
+        cache.lengths = [p + c for p, c in zip(cache.lengths, counts)]
+        return hidden
+
+    def _closed_chunks(self, t, h, span: _Span, first: List[int], count: List[int], width: int, cache):
+        """z^(t)_j (eq. 15-18) of the chunks that close in this call, gathered from the chunk
+        buffer B^(t) (positions before the call) and the new states ``h``."""
+        res = self.resamplers[t]
+        g, omega, device = res.g, res.omega, h.device
+        slot = torch.arange(width, device=device)
+        chunks = torch.tensor(first, device=device)[:, None] + slot  # [b, M]
+        positions = chunks[..., None] * g - omega + torch.arange(g, device=device)  # members, eq. 15
+        closes = slot[None] < torch.tensor(count, device=device)[:, None]
+        real = (positions >= 0) | ~closes[..., None]
+        start = span.start_t[:, None, None]
+        if g > 1:
+            source = torch.cat([cache.ring[t], h], dim=1)
+            index = torch.where(positions >= start, g + positions - start, positions % g)
+        else:
+            source, index = h, positions - start
+        index = index.clamp(0, source.shape[1] - 1).reshape(h.shape[0], -1, 1).expand(-1, -1, h.shape[-1])
+        members = source.gather(1, index).view(h.shape[0], width, g, h.shape[-1])
+        return res.downscale(members, real), _Span(first, count, width, device)
+
+    def _coarse_pass(self, t: int, z: torch.Tensor, span: _Span, cache: SpiralCache) -> None:
+        """Chunk-triggered coarse computation (Algorithm 2 lines 34-36, plus eq. 21's beta)."""
+        zhat = self._core(z, t, span, cache)
+        cache.store_latents(t, zhat, self.resamplers[t].allocation(zhat), span)
+
+    def _update_ring(self, t: int, h: torch.Tensor, span: _Span, cache: SpiralCache) -> None:
+        """Write the newest g_t states h^(t) into B^(t) at slot position mod g_t (line 32)."""
+        g, d = self.resamplers[t].g, h.shape[-1]
+        ends = span.start_t + torch.tensor(span.count, device=h.device)
+        positions = ends[:, None] - g + torch.arange(g, device=h.device)  # last g positions
+        fresh = positions >= span.start_t[:, None]
+        slots = (positions % g)[..., None].expand(-1, -1, d)
+        new = h.gather(1, (positions - span.start_t[:, None]).clamp(0, h.shape[1] - 1)[..., None].expand(-1, -1, d))
+        old = cache.ring[t].gather(1, slots)
+        cache.ring[t] = cache.ring[t].scatter(1, slots, torch.where(fresh[..., None], new, old))
+
+    def _step_cached(self, t: int, h: torch.Tensor, span: _Span, cache: SpiralCache) -> torch.Tensor:
+        """LOOPUPDATEAT (Algorithm 2 lines 27-47) for every new position at once: u~^(t)."""
+        res = self.resamplers[t]
+        g, omega, s = res.g, res.omega, res.s
+        first = [chunk_index(p, g, omega) for p in span.start]  # closed chunks before the call
+        count = [chunk_index(p + c, g, omega) - j for p, c, j in zip(span.start, span.count, first)]
+        width = max(count)
+        cache.reserve_latents(t, h, max(first) + max(width, 1), g, res.router is not None)
+        if g > 1 and cache.ring[t] is None:
+            cache.ring[t] = h.new_zeros(h.shape[0], g, h.shape[-1])
+        if width > 0:  # some row closes a chunk (rho = g_t - 1): coarse path
+            z, core_span = self._closed_chunks(t, h, span, first, count, width, cache)
+            job = partial(self._coarse_pass, t, z, core_span, cache)
+            if cache.coarse_schedule != "inline" and span.width == 1 and s >= g:
+                cache.submit(t, job, min(j for j, c in zip(first, count) if c))  # App. E
+            else:
+                cache.drain(t)
+                job()
+        if g > 1:
+            self._update_ring(t, h, span, cache)
+        needed = [chunk_index(p + c - 1 - s, g, omega) for p, c in zip(span.start, span.count) if p + c - 1 >= s]
+        if not needed:
+            return torch.zeros_like(h)
+        cache.wait(t, max(needed))
+        return self._shifted_update(t, h, span, cache)
+
+    def _shifted_update(self, t: int, h: torch.Tensor, span: _Span, cache: SpiralCache) -> torch.Tensor:
+        """u~_i = u_{i - s_t} = lambda_t beta_{pi(i-s), rho(i-s)} zhat_{pi(i-s)}  (eq. 19-22)."""
+        res = self.resamplers[t]
+        g, omega, d = res.g, res.omega, h.shape[-1]
+        source = span.positions - res.s
+        has = (source >= 0) & span.valid
+        source = source.clamp(min=0)
+        chunk = chunk_index(source, g, omega)
+        zhat = cache.latents[t].gather(1, chunk[..., None].expand(-1, -1, d))
+        if res.router is not None:
+            beta = cache.allocations[t].gather(1, chunk[..., None].expand(-1, -1, g))
+            beta = beta.gather(2, in_chunk_index(source, g, omega)[..., None])
+            u = upscale_gain(g) * beta * zhat  # eq. 19 + 21
+        elif g > 1:
+            u = upscale_gain(g) / g * zhat  # eq. 20
+        else:
+            u = zhat
+        return torch.where(has[..., None], u, torch.zeros_like(u))
+
+    # ------------------------------------------------------------ HF entry point
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
+                inputs_embeds=None, return_dict=None, **kwargs):
+        if input_ids is None:
+            raise ValueError("SpiralFormer needs input_ids (inputs_embeds are not supported)")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        ids, counts, order = _compact(input_ids, attention_mask)
+        if past_key_values is not None or use_cache:
+            if past_key_values is None:
+                past_key_values = SpiralCache(self.config)
+            elif not isinstance(past_key_values, SpiralCache):
+                raise TypeError(f"SpiralFormer decodes with its own SpiralCache (Algorithm 2), got "
+                                f"{type(past_key_values).__name__}; pass past_key_values=None")
+            hidden = self.forward_cached(ids, counts, past_key_values)
+            past_key_values.seen_tokens += input_ids.shape[1]
+        else:
+            hidden = self.forward_full(ids)
+        hidden = _uncompact(hidden, counts, order)
+        return BaseModelOutputWithPast(last_hidden_state=hidden,
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+def _compact(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    """Move each row's real tokens (mask 1) to the front, keeping their order."""
+    width = input_ids.shape[1]
+    if attention_mask is None:
+        return input_ids, [width] * input_ids.shape[0], None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < width:
+        raise ValueError("attention_mask must be [batch, columns] and cover the new input_ids")
+    mask = attention_mask[:, -width:].to(device=input_ids.device) != 0
+    counts = mask.sum(dim=1).tolist()
+    if all(c == width for c in counts):
+        return input_ids, counts, None
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), counts, order
+
+
+def _uncompact(hidden: torch.Tensor, counts: List[int], order: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`_compact` for hidden states; padding columns get zeros."""
+    if order is None:
+        return hidden
+    valid = torch.arange(hidden.shape[1], device=hidden.device)[None] < torch.tensor(counts, device=hidden.device)[:, None]
+    hidden = torch.where(valid[..., None], hidden, torch.zeros_like(hidden))
+    return torch.zeros_like(hidden).scatter(1, order[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+
+
+class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
+    """SpiralFormer with an untied LM head over the real vocabulary."""
+
+    def __init__(self, config: SpiralFormerConfig) -> None:
+        super().__init__(config)
+        self.model = SpiralFormerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache; forward creates a SpiralCache
+
+    def new_cache(self, coarse_schedule: Optional[str] = None, max_length: Optional[int] = None) -> SpiralCache:
+        """An empty Algorithm-2 cache ('inline', 'deferred' or 'background' coarse work);
+        ``max_length`` (prompt + new tokens) allocates the caches once, avoiding growth copies."""
+        return SpiralCache(self.config, coarse_schedule, max_length)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate(): start from a SpiralCache sized for generate's maximum length."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return
+        length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
+        model_kwargs["past_key_values"] = SpiralCache(self.config, max_length=(length or 0) + 1)
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
+                labels=None, logits_to_keep=0, return_dict=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return out if return_dict is not False else out.to_tuple()
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      use_cache=True, logits_to_keep=None, **kwargs):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            input_ids = input_ids[:, past_key_values.get_seq_length():]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
