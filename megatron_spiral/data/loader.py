@@ -1,0 +1,149 @@
+"""Resumable, data-parallel batch iterators over the megatron datasets.
+
+Sample order is a pure function of the dataset (already shuffled by megatron with ``--data-seed``):
+global sample ``i`` of the training run is ``dataset[i]``. A global batch is the next
+``global_batch_size`` samples; it is consumed as micro-batches of ``micro_batch_size * dp`` samples,
+of which data-parallel rank ``r`` takes the ``r``-th slice of ``micro_batch_size``. So
+
+* resuming with ``consumed_samples = iteration * global_batch_size`` continues exactly where the
+  checkpointed run stopped (no sample repeated or skipped, no state beyond one integer), and
+* every micro-batch is disjoint across DP ranks, and the union over ranks is the single-rank batch.
+
+This is Megatron-LM's ``MegatronPretrainingSampler`` contract, without its training package.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_spiral.data.config import DataConfig
+
+
+class ResumableDistributedSampler:
+    """Batch sampler: this rank's micro-batches of indices, from ``consumed_samples`` on.
+
+    With ``cyclic=True`` (validation/test) indices wrap around the dataset forever; otherwise the
+    iteration stops before a step that would need samples past ``total_samples``.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int = 0,
+        data_parallel_size: int = 1,
+        cyclic: bool = False,
+    ) -> None:
+        if total_samples <= 0:
+            raise ValueError(f"the dataset is empty (total_samples={total_samples}).")
+        if micro_batch_size <= 0 or data_parallel_size <= 0:
+            raise ValueError("micro_batch_size and data_parallel_size must be positive.")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size}).")
+        step = micro_batch_size * data_parallel_size
+        if consumed_samples < 0 or consumed_samples % step:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} must be a non-negative multiple of "
+                f"micro_batch_size * data_parallel_size = {step} (it counts whole global batches)."
+            )
+        if not cyclic and consumed_samples > total_samples:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} exceeds the {total_samples} samples of the dataset; "
+                "the resumed run asks for more training samples than were built (raise train samples)."
+            )
+        if not cyclic and total_samples < step:
+            raise ValueError(f"the dataset has {total_samples} samples, fewer than one step of {step}.")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world = data_parallel_rank, data_parallel_size
+        self.cyclic = cyclic
+
+    @property
+    def step(self) -> int:
+        return self.micro_batch_size * self.world
+
+    def __len__(self) -> int:
+        if self.cyclic:
+            raise TypeError("a cyclic sampler has no length")
+        return (self.total_samples - self.consumed_samples) // self.step
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start = self.consumed_samples + self.rank * self.micro_batch_size
+        while self.cyclic or start - self.rank * self.micro_batch_size + self.step <= self.total_samples:
+            batch = range(start, start + self.micro_batch_size)
+            yield [i % self.total_samples for i in batch] if self.cyclic else list(batch)
+            start += self.step
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """SLURM signals every process of a job; the training process decides when to stop (it saves
+    first), so its loader workers must not die on SIGTERM underneath it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_data_loader(
+    dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    num_workers: int = 2,
+    cyclic: bool = False,
+) -> torch.utils.data.DataLoader:
+    """DataLoader yielding this rank's micro-batches: dicts of [micro_batch_size, seq_length] tensors
+    (``tokens``, ``labels``, ``loss_mask``, ``position_ids``; blends add ``dataset_id``)."""
+    sampler = ResumableDistributedSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size, cyclic
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        worker_init_fn=_ignore_sigterm,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_train_valid_test_data_iterators(
+    data_config: DataConfig,
+    tokenizer,
+    train_val_test_num_samples: Sequence[Optional[int]],
+    micro_batch_size: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+    consumed_train_samples: int = 0,
+    consumed_valid_samples: int = 0,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+) -> Tuple[Optional[Iterator], Optional[Iterator], Optional[Iterator]]:
+    """Datasets + loaders in one call: (train, valid, test) iterators of micro-batch dicts, or None.
+
+    The train iterator ends after the built samples; valid/test cycle forever (evaluation draws
+    ``eval_iters`` batches at a time). Resume by passing the checkpoint's consumed sample counts.
+    """
+    from megatron_spiral.data.gpt_data import build_train_valid_test_datasets
+
+    datasets = build_train_valid_test_datasets(data_config, tokenizer, train_val_test_num_samples, is_built_on_rank)
+    consumed = (consumed_train_samples, consumed_valid_samples, 0)
+    iterators = []
+    for i, dataset in enumerate(datasets):
+        if dataset is None or len(dataset) == 0:
+            iterators.append(None)
+            continue
+        cyclic = i > 0
+        loader = build_data_loader(
+            dataset,
+            consumed[i],
+            micro_batch_size,
+            data_parallel_rank,
+            data_parallel_size,
+            data_config.num_workers,
+            cyclic=cyclic,
+        )
+        iterators.append(iter(loader))
+    return tuple(iterators)
