@@ -24,7 +24,7 @@ fi
 step "2/4 tokenizer: byte-level BPE trained on the corpus"
 if [ ! -s "$out/tokenizer/tokenizer.json" ]; then
   "$py" "$root/tools/train_tokenizer.py" --input "$out/corpus.jsonl" --type bpe \
-    --vocab-size 4096 --output "$out/tokenizer"
+    --vocab-size 4096 --output-dir "$out/tokenizer"
 else
   echo "reusing $out/tokenizer/tokenizer.json"
 fi
