@@ -12,7 +12,7 @@ the tensor-parallel group (each rank only saw its own tokens).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,39 @@ def router_weights(router: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tenso
     return torch.softmax(router(inputs).float(), dim=-1).to(inputs.dtype)
 
 
+class MeshMemory(NamedTuple):
+    """The MeSH buffer, kept factored instead of as B materialised slots.
+
+    Every slot is a per-token linear combination of the tensors written so far:
+    m_b = x [b = 0] + sum_j w_{j,b} value_j (eq. 24, 26, 29), with value_0 = v = f_pre(x) and
+    value_{t+1} = u~^(t). A read (eq. 27, 30) is therefore
+    h = r_0 x + sum_j <w_j, r> value_j, which touches (t + 3) [L, b, d] tensors instead of
+    writing and reading B of them per update, and autograd saves only the per-token
+    coefficients (the values are activations anyway). Same numbers as :func:`mesh_write` /
+    :func:`mesh_read`; :meth:`MeshTopology.materialize` rebuilds the slots.
+    """
+
+    embeddings: torch.Tensor              # x, the initial content of slot 0
+    values: Tuple[torch.Tensor, ...]      # v, u~^(0), u~^(1), ...       [L, b, d]
+    writes: Tuple[torch.Tensor, ...]      # their write weights (fp32)   [L, b, B]
+
+
+def mesh_read_factored(memory: MeshMemory, read_weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 27 / 30 on a factored buffer: h = r_0 x + sum_j <w_j, r> value_j."""
+    read = read_weights.float()
+    x = memory.embeddings
+    state = x * read[..., :1].to(x.dtype)
+    for value, write in zip(memory.values, memory.writes):
+        coefficient = (write * read).sum(dim=-1, keepdim=True).to(value.dtype)
+        state = torch.addcmul(state, value, coefficient)
+    return state
+
+
+def _slot_weights(router: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    """Router softmax kept in fp32 (the factored read mixes these in fp32)."""
+    return torch.softmax(router(inputs).float(), dim=-1)
+
+
 class MeshTopology(torch.nn.Module):
     """MeSH (Yu et al. 2025; App. B): a B-slot memory written and read by per-iteration routers.
 
@@ -79,24 +112,31 @@ class MeshTopology(torch.nn.Module):
         self.read_routers = torch.nn.ModuleList(make_router() for _ in range(num_iterations + 1))
 
     def initial_memory(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Eq. 24: m_0 = x, m_{b>0} = 0."""
+        """Eq. 24: m_0 = x, m_{b>0} = 0 (materialised [L, b, d, B])."""
         return F.pad(embeddings.unsqueeze(-1), (0, self.num_slots - 1))
 
     def initial_state(self, embeddings: torch.Tensor, pre_output: torch.Tensor):
         """Transitional write-read (eq. 24-27), routed by the embeddings x."""
-        write = router_weights(self.write_routers[0], embeddings)
-        read = router_weights(self.read_routers[0], embeddings)
-        memory = mesh_write(self.initial_memory(embeddings), pre_output, write)
-        return mesh_read(memory, read), memory
+        write = _slot_weights(self.write_routers[0], embeddings)
+        read = _slot_weights(self.read_routers[0], embeddings)
+        memory = MeshMemory(embeddings, (pre_output,), (write,))
+        return mesh_read_factored(memory, read), memory
 
     def update(
-        self, update: torch.Tensor, state: torch.Tensor, memory: torch.Tensor, t: int
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, update: torch.Tensor, state: torch.Tensor, memory: MeshMemory, t: int
+    ) -> Tuple[torch.Tensor, MeshMemory]:
         """Main-loop write-read (eq. 28-30), routed by the current state h^(t)."""
-        write = router_weights(self.write_routers[t + 1], state)
-        read = router_weights(self.read_routers[t + 1], state)
-        memory = mesh_write(memory, update, write)
-        return mesh_read(memory, read), memory
+        write = _slot_weights(self.write_routers[t + 1], state)
+        read = _slot_weights(self.read_routers[t + 1], state)
+        memory = MeshMemory(memory.embeddings, memory.values + (update,), memory.writes + (write,))
+        return mesh_read_factored(memory, read), memory
+
+    def materialize(self, memory: MeshMemory) -> torch.Tensor:
+        """The B slots [L, b, d, B] of a factored buffer (eq. 24, 26, 29 applied literally)."""
+        slots = self.initial_memory(memory.embeddings)
+        for value, write in zip(memory.values, memory.writes):
+            slots = mesh_write(slots, value, write.to(value.dtype))
+        return slots
 
 
 def build_topology(
