@@ -58,6 +58,8 @@ Done.
   tensorboard  : $root/.venv/bin/tensorboard --logdir $out/tensorboard
 Next:
   resume / continue training : add --load $out/checkpoints (and a larger --train-iters) to the command above
-  model report               : $py tools/model_report.py --preset spiral-b-160m-mesh
+  generate text              : $py $root/tools/generate.py --load $out/checkpoints --prompt "def main(" --max-new-tokens 40
+  export to Hugging Face     : $py $root/tools/convert_checkpoint.py --load $out/checkpoints --save-hf $out/hf
+  model report               : $py $root/tools/model_report.py --preset spiral-b-160m-mesh
   scale up on GPUs           : examples/slurm/ (see README, Training)
 EOF
