@@ -58,6 +58,7 @@ class Entry:
     flops: int                      # analytic training FLOPs of one step (all sequences)
     causal_flops: int               # the same with attention scores/values counted causally (half)
     times: List[float] = field(default_factory=list)
+    last_time: float = 0.0
     saved_bytes: int = 0
     peak_bytes: Optional[int] = None
 
@@ -291,11 +292,12 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             train_step(entry.model, ids)
             sync(device)
+            entry.last_time = time.perf_counter() - start
             if round_index >= args.warmup:
-                entry.times.append(time.perf_counter() - start)
-        print(f"  round {round_index + 1}/{args.warmup + args.rounds}: "
-              + "  ".join(f"{e.name} {e.times[-1] if round_index >= args.warmup else float('nan'):.3f}s"
-                          for e in entries), file=sys.stderr)
+                entry.times.append(entry.last_time)
+        kind = "timed" if round_index >= args.warmup else "warm-up"
+        print(f"  round {round_index + 1}/{args.warmup + args.rounds} ({kind}): "
+              + "  ".join(f"{e.name} {e.last_time:.3f}s" for e in entries), file=sys.stderr)
     if not args.no_memory:
         for entry in entries:
             entry.saved_bytes = saved_tensor_bytes(entry.model, ids)
