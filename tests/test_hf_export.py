@@ -23,6 +23,9 @@ pytest.importorskip("safetensors")
 from distributed import run_on_ranks  # noqa: E402
 from hf_helpers import one_cpu_thread, KNOB_SETS, LAYOUT, knob_id, megatron_model  # noqa: E402, F401
 
+# the remote code an export must carry to load with torch + transformers only
+CODE_FILES = ("configuration_spiral.py", "equations_spiral.py", "modeling_spiral.py", "cache_spiral.py")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 45  # not a multiple of 8, 4 or 2: the last chunk of every coarse iteration is dropped
 
@@ -183,10 +186,10 @@ def test_export_tp2_checkpoint_and_load_without_megatron(tp2_checkpoint, tmp_pat
     out = tmp_path / "export"
     assert convert.main(["--load", str(tp2_checkpoint / "ckpt"), "--save-hf", str(out)]) == 0
     names = set(os.listdir(out))
-    assert {"config.json", "configuration_spiral.py", "modeling_spiral.py", "cache_spiral.py",
+    assert {"config.json", *CODE_FILES,
             "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]  # no staging left over
-    for name in ("configuration_spiral.py", "modeling_spiral.py", "cache_spiral.py"):
+    for name in CODE_FILES:
         with open(out / name) as a, open(os.path.join(ROOT, "megatron_spiral", "hf", name)) as b:
             assert a.read() == b.read()
     config = json.loads((out / "config.json").read_text())

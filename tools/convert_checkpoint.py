@@ -10,8 +10,8 @@ Hugging Face -> Megatron (iteration 0, weights only; pretrain_spiral.py --load c
 with fresh optimizer state):
   python tools/convert_checkpoint.py --load-hf exports/spiral-hf --save runs/continued/ckpt
 
-The export holds config.json (with auto_map), configuration_spiral.py, modeling_spiral.py,
-cache_spiral.py, model.safetensors, generation_config.json and the checkpoint's tokenizer files
+The export holds config.json (with auto_map), configuration_spiral.py, equations_spiral.py,
+modeling_spiral.py, cache_spiral.py, model.safetensors, generation_config.json and the checkpoint's tokenizer files
 (iter_*/tokenizer/) when it has them. The vocabulary is the real one (padded rows are dropped).
 It is written to a temporary directory, verified against the megatron logits (max abs diff,
 fp32 <= 1e-4) and only then renamed into place.

@@ -188,7 +188,8 @@ def hf_model_from_megatron(spiral_lm, tokenizer_meta: dict = None):
 
 
 # ============================================================================ whole-directory conversion
-HF_CODE_FILES = ("configuration_spiral.py", "modeling_spiral.py", "cache_spiral.py")
+HF_CODE_FILES = (
+    "configuration_spiral.py", "equations_spiral.py", "modeling_spiral.py", "cache_spiral.py")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

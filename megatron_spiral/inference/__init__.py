@@ -1,7 +1,7 @@
 """Incremental decoding (Algorithm 2) for megatron-spiral models.
 
 The chunk-triggered decoder itself lives in the self-contained Hugging Face module
-(``megatron_spiral/hf/modeling_spiral.py`` + ``cache_spiral.py``) so exported models carry it. A
+(``megatron_spiral/hf/modeling_spiral.py``, ``equations_spiral.py``, ``cache_spiral.py``) so exported models carry it. A
 megatron checkpoint or in-memory ``SpiralLM`` is decoded by loading its weights into that module
 (``to_hf`` / ``load_for_decoding``); logits match the megatron forward (tests/test_decode*.py).
 
