@@ -1,4 +1,4 @@
-"""Training: loss falls, DP=2 and TP=2+SP match one process, exact resume, TP2 -> TP1 checkpoints,
+"""Training: loss falls, DP=2 and TP=2+SP match one process, exact resume, TP2 <-> TP1 checkpoints,
 SIGTERM save-and-exit, NaN guard, atomic saves and clear errors on corrupt checkpoints."""
 
 import json
@@ -75,12 +75,16 @@ def _two_rank_body(out_dir):
     results["tp2"] = _train(tp_args, 6).losses
     parallel_state.destroy_model_parallel()
     _train(tp_args + ["--save", os.path.join(out_dir, "tp2"), "--exit-interval", "3"], 6)
+    parallel_state.destroy_model_parallel()
+    results["tp1_to_tp2"] = _train(tp_args + ["--load", os.path.join(out_dir, "tp1")], 6).losses
     _dump(os.path.join(out_dir, "losses.json"), results)
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks")
+    # a TP=1 checkpoint at step 3 for the two ranks to continue at TP=2
+    _train(["--use-distributed-optimizer", "--save", str(out / "tp1"), "--exit-interval", "3"], 6)
     run_on_ranks(_two_rank_body, 2, str(out))
     with open(out / "losses.json") as f:
         return json.load(f), out
@@ -103,6 +107,12 @@ def test_tp2_checkpoint_continues_at_tp1(two_rank_results):
     results, out = two_rank_results
     resumed = _train(["--use-distributed-optimizer", "--load", str(out / "tp2")], 6).losses
     torch.testing.assert_close(resumed, results["tp2"][3:], rtol=1e-4, atol=1e-4)
+
+
+def test_tp1_checkpoint_continues_at_tp2(two_rank_results):
+    results, _ = two_rank_results
+    torch.testing.assert_close(results["tp1_to_tp2"], results["tp2"][3:], rtol=1e-4, atol=1e-4)
+    assert results["tp1_to_tp2"] != results["tp2"][:3]  # resumed at step 3, not restarted
 
 
 def test_sigterm_saves_and_exits(tmp_path):
