@@ -120,20 +120,21 @@ def build_sample_idx(
     return out
 
 
+def _most_under_sampled(weights, counts, x, candidates):
+    """helpers.cpp's greedy choice at sample x: the candidate whose count lags its share
+    weights[j] * x the most; the first such on ties, as the C++ strict ``>`` scan picks."""
+    return max(candidates, key=lambda j: weights[j] * x - counts[j])
+
+
 def build_blending_indices(dataset_index, dataset_sample_index, weights, num_datasets, size, verbose=False):
     """``helpers.cpp::build_blending_indices``: greedily pick the most under-sampled dataset."""
     w = [float(x) for x in np.asarray(weights)[:num_datasets]]
     counts = [0] * num_datasets
-    order = range(num_datasets)
+    every = range(num_datasets)
     di = np.empty(size, dtype=np.int16)
     dsi = np.empty(size, dtype=np.int64)
     for i in range(size):
-        x = max(float(i), 1.0)
-        best, best_err = 0, w[0] * x - counts[0]
-        for j in order:
-            err = w[j] * x - counts[j]
-            if err > best_err:
-                best, best_err = j, err
+        best = _most_under_sampled(w, counts, max(float(i), 1.0), every)
         di[i] = best
         dsi[i] = counts[best]
         counts[best] += 1
@@ -150,12 +151,7 @@ def build_exhaustive_blending_indices(dataset_index, dataset_sample_index, sizes
     unspent = [j for j in range(num_datasets) if sizes[j] > 0]
     i = 0
     while unspent:
-        x = max(float(i), 1.0)
-        best, best_err = -1, -np.inf
-        for j in unspent:
-            err = weights[j] * x - counts[j]
-            if err > best_err:
-                best, best_err = j, err
+        best = _most_under_sampled(weights, counts, max(float(i), 1.0), unspent)
         dataset_index[i] = best
         dataset_sample_index[i] = counts[best]
         counts[best] += 1
