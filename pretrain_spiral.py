@@ -10,12 +10,10 @@ Run ``--help`` for every flag (Megatron's names).
 """
 
 import sys
-import warnings
 
-# megatron-core warns once per module at import when Transformer Engine / apex are absent; the run
-# states the layer spec it picked instead (" > model: ... layer spec=local").
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
-warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+from megatron_spiral.quiet import quiet_backend_warnings
+
+quiet_backend_warnings()  # the run states its layer spec instead (" > model: ... layer spec=local")
 
 
 def main(argv=None) -> int:

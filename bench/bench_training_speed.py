@@ -23,16 +23,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|full scope).*")
-warnings.filterwarnings("ignore", category=FutureWarning)  # torch/megatron checkpoint deprecations
+from megatron_spiral.quiet import quiet_backend_warnings
+
+quiet_backend_warnings(hide_deprecations=True)
 
 import torch
 

@@ -23,7 +23,8 @@ import argparse
 import json
 import os
 import sys
-import warnings
+
+from megatron_spiral.quiet import quiet_backend_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,7 @@ def main(argv=None) -> int:
     if importing and not (args.load_hf and args.save):
         parser.error("--load-hf and --save go together")
 
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|full scope).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_backend_warnings(hide_deprecations=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -19,7 +19,8 @@ import json
 import os
 import sys
 import time
-import warnings
+
+from megatron_spiral.quiet import quiet_backend_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +88,7 @@ def _read_prompts(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|full scope).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_backend_warnings(hide_deprecations=True)
     try:
         texts, id_prompts = _read_prompts(args)
         if args.max_new_tokens < 1:

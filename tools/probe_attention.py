@@ -37,10 +37,10 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex|full scope).*")
-warnings.filterwarnings("ignore", category=FutureWarning)  # torch/megatron checkpoint deprecations
+from megatron_spiral.quiet import quiet_backend_warnings
+
+quiet_backend_warnings(hide_deprecations=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
