@@ -34,17 +34,18 @@ def mesh_write(memory: torch.Tensor, value: torch.Tensor, write_weights: torch.T
 
     ``memory`` [L, b, d, B], ``value`` [L, b, d], ``write_weights`` [L, b, B].
     """
-    return memory + value.unsqueeze(-1) * write_weights.unsqueeze(-2)
+    return memory + value.unsqueeze(-1) * write_weights.to(value.dtype).unsqueeze(-2)
 
 
 def mesh_read(memory: torch.Tensor, read_weights: torch.Tensor) -> torch.Tensor:
     """Read, eq. 27 / 30: h = sum_b m_b * w_read,b."""
-    return torch.einsum("lbdk,lbk->lbd", memory, read_weights)
+    return torch.einsum("lbdk,lbk->lbd", memory, read_weights.to(memory.dtype))
 
 
 def router_weights(router: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    """Softmax over the B slots of a write/read router (eq. 25 / 28)."""
-    return torch.softmax(router(inputs).float(), dim=-1).to(inputs.dtype)
+    """Softmax over the B slots of a write/read router (eq. 25 / 28), kept in fp32: the factored
+    read mixes the weights in fp32; the literal write/read cast them to the tensors' dtype."""
+    return torch.softmax(router(inputs).float(), dim=-1)
 
 
 class MeshMemory(NamedTuple):
@@ -73,11 +74,6 @@ def mesh_read_factored(memory: MeshMemory, read_weights: torch.Tensor) -> torch.
         coefficient = (write * read).sum(dim=-1, keepdim=True).to(value.dtype)
         state = torch.addcmul(state, value, coefficient)
     return state
-
-
-def _slot_weights(router: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    """Router softmax kept in fp32 (the factored read mixes these in fp32)."""
-    return torch.softmax(router(inputs).float(), dim=-1)
 
 
 class MeshTopology(torch.nn.Module):
@@ -117,8 +113,8 @@ class MeshTopology(torch.nn.Module):
 
     def initial_state(self, embeddings: torch.Tensor, pre_output: torch.Tensor):
         """Transitional write-read (eq. 24-27), routed by the embeddings x."""
-        write = _slot_weights(self.write_routers[0], embeddings)
-        read = _slot_weights(self.read_routers[0], embeddings)
+        write = router_weights(self.write_routers[0], embeddings)
+        read = router_weights(self.read_routers[0], embeddings)
         memory = MeshMemory(embeddings, (pre_output,), (write,))
         return mesh_read_factored(memory, read), memory
 
@@ -126,8 +122,8 @@ class MeshTopology(torch.nn.Module):
         self, update: torch.Tensor, state: torch.Tensor, memory: MeshMemory, t: int
     ) -> Tuple[torch.Tensor, MeshMemory]:
         """Main-loop write-read (eq. 28-30), routed by the current state h^(t)."""
-        write = _slot_weights(self.write_routers[t + 1], state)
-        read = _slot_weights(self.read_routers[t + 1], state)
+        write = router_weights(self.write_routers[t + 1], state)
+        read = router_weights(self.read_routers[t + 1], state)
         memory = MeshMemory(memory.embeddings, memory.values + (update,), memory.writes + (write,))
         return mesh_read_factored(memory, read), memory
 
@@ -135,7 +131,7 @@ class MeshTopology(torch.nn.Module):
         """The B slots [L, b, d, B] of a factored buffer (eq. 24, 26, 29 applied literally)."""
         slots = self.initial_memory(memory.embeddings)
         for value, write in zip(memory.values, memory.writes):
-            slots = mesh_write(slots, value, write.to(value.dtype))
+            slots = mesh_write(slots, value, write)
         return slots
 
 
