@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # argparse choices: float32, bfloat16
     device = args.device
 
     entries = build_entries(args, device, dtype)

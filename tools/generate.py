@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         return _fail(f"{path} does not exist")
     if args.hf and not os.path.isfile(os.path.join(args.hf, "config.json")):
         return _fail(f"--hf {args.hf} has no config.json; pass a directory written by convert_checkpoint.py --save-hf")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # argparse choices: float32, bfloat16, float16
     sampling = SamplingConfig(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     import torch.distributed as dist
