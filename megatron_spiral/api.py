@@ -19,7 +19,8 @@ class SpiralLM(torch.nn.Module):
     """Wraps a SpiralGPTModel so it can be called on token ids alone.
 
     ``model.gpt`` is the megatron-core module (checkpointing, training); ``model.config`` the
-    SpiralConfig. Any sequence length up to ``config.seq_length`` works.
+    SpiralConfig. Any sequence length up to ``config.max_positions`` (--max-position-embeddings,
+    default seq_length) works.
     """
 
     def __init__(self, gpt, config: SpiralConfig) -> None:
@@ -32,10 +33,11 @@ class SpiralLM(torch.nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         seq = input_ids.shape[1]
-        if seq > self.config.seq_length:
+        if seq > self.config.max_positions:
             raise ValueError(
-                f"sequence length {seq} exceeds seq_length={self.config.seq_length}; build the "
-                "model with a larger seq_length")
+                f"sequence length {seq} exceeds seq_length={self.config.seq_length} "
+                f"(max_position_embeddings={self.config.max_positions}); build the model with a "
+                "larger seq_length or max_position_embeddings")
         device = next(self.gpt.parameters()).device
         input_ids = input_ids.to(device)
         position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(input_ids)

@@ -27,6 +27,16 @@ SHIFT_MODES = ("overlap", "parallel")
 CHUNK_OFFSETS = ("half", "zero")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+POSITION_EMBEDDING_TYPES = ("rope",)
+# Megatron-LM position embeddings SpiralFormer cannot use, and why (shown by the error).
+_REJECTED_POSITION_EMBEDDINGS = {
+    "learned_absolute": "a learned absolute table indexes token positions, but the shared core "
+                        "runs on compressed sequences whose positions are chunk indices",
+    "none": "the shared core needs positions on the compressed sequence",
+    "mrope": "multimodal RoPE needs image/video position ids",
+    "relative": "T5-style relative buckets are not implemented for the looped core",
+    "yarn": "YaRN context extension is not implemented",
+}
 
 
 class SpiralConfigError(ValueError):
@@ -143,7 +153,9 @@ class SpiralConfig:
     normalization: str = field(default="LayerNorm", metadata=_help(
         "norm inside every block: 'LayerNorm' (Pythia/GPT-NeoX, 12d^2+13d per layer) or "
         "'RMSNorm'", choices=NORMALIZATIONS))
-    layernorm_epsilon: float = field(default=1e-5, metadata=_help("norm epsilon"))
+    layernorm_epsilon: float = field(default=1e-5, metadata=_help(
+        "epsilon of every norm (Megatron-LM's --norm-epsilon; --layernorm-epsilon is an alias)",
+        flag="--norm-epsilon"))
     rotary_percent: float = field(default=1.0, metadata=_help(
         "fraction of each head's dimensions that RoPE rotates (Pythia used 0.25)"))
     rotary_base: int = field(default=10000, metadata=_help("RoPE base period"))
@@ -151,6 +163,39 @@ class SpiralConfig:
     transformer_impl: str = field(default="auto", metadata=_help(
         "layer implementation: 'transformer_engine' when it imports ('auto'), else 'local' "
         "(megatron parallel linears + torch SDPA)", choices=TRANSFORMER_IMPLS))
+
+    # ---- Megatron-LM architecture flags. Defaults here are the behaviour of checkpoints written
+    # before these fields existed (untied, no dropout, biases, GELU, MHA); ``megatron_default`` is
+    # what a run without --preset gets when the flag is absent, as in Megatron-LM.
+    untie_embeddings_and_output_weights: bool = field(default=True, metadata=_help(
+        "separate input embedding and output layer matrices; absent on a run without --preset: "
+        "TIED, as in Megatron-LM (every preset is untied, like Pythia)", megatron_default=False))
+    hidden_dropout: float = field(default=0.0, metadata=_help(
+        "dropout on embeddings and on every layer's attention/MLP output, in the pre, core and "
+        "post stacks (Megatron-LM default 0.1 without --preset; presets 0.0 as Pythia)",
+        megatron_default=0.1))
+    attention_dropout: float = field(default=0.0, metadata=_help(
+        "dropout on attention probabilities (Megatron-LM default 0.1 without --preset; "
+        "presets 0.0)", megatron_default=0.1))
+    disable_bias_linear: bool = field(default=False, metadata=_help(
+        "no biases in the QKV, output, and MLP linears (Megatron-LM's add_bias_linear=False); "
+        "--add-qkv-bias puts the QKV bias back"))
+    add_qkv_bias: bool = field(default=False, metadata=_help(
+        "keep a bias on the QKV projection even with --disable-bias-linear"))
+    swiglu: bool = field(default=False, metadata=_help(
+        "gated SiLU MLP; without --ffn-hidden-size the MLP width is int(8h/3 / 64) * 64 "
+        "(Megatron-LM's rule)"))
+    group_query_attention: bool = field(default=False, metadata=_help(
+        "grouped-query attention with --num-query-groups key/value heads"))
+    num_query_groups: int = field(default=1, metadata=_help(
+        "key/value head groups under --group-query-attention (Megatron-LM default 1)"))
+    kv_channels: Optional[int] = field(default=None, metadata=_help(
+        "per-head dimension (default hidden size / heads)"))
+    max_position_embeddings: Optional[int] = field(default=None, metadata=_help(
+        "longest sequence the RoPE table covers; must be >= --seq-length (default: "
+        "--seq-length)"))
+    position_embedding_type: str = field(default="rope", metadata=_help(
+        "position embedding; SpiralFormer uses RoPE (the only accepted value)"))
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -169,7 +214,22 @@ class SpiralConfig:
                      "make_vocab_size_divisible_by"):
             if int(getattr(self, name)) < 1:
                 raise SpiralConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
+        _check_position_embedding(self.position_embedding_type)
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise SpiralConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise SpiralConfigError(f"kv_channels must be a positive integer, got {self.kv_channels}")
+        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
+            raise SpiralConfigError(
+                f"num_query_groups={self.num_query_groups} must be >= 1 and divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < self.seq_length:
+            raise SpiralConfigError(
+                f"max_position_embeddings ({self.max_position_embeddings}) must be greater than or "
+                f"equal to seq_length ({self.seq_length}); raise --max-position-embeddings or "
+                "lower --seq-length")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise SpiralConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; pick a head count that divides the width")
@@ -230,7 +290,40 @@ class SpiralConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        """MLP width: --ffn-hidden-size, else Megatron-LM's default (4h; int(8h/3/64)*64 with SwiGLU)."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64
+        return 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width: --kv-channels, else hidden / heads (Megatron-LM)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: --num-query-groups under GQA, else one per query head."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return not self.untie_embeddings_and_output_weights
+
+    @property
+    def linear_bias(self) -> bool:
+        return not self.disable_bias_linear
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Megatron-LM: the QKV projection has a bias when add_bias_linear or add_qkv_bias."""
+        return self.linear_bias or self.add_qkv_bias
+
+    @property
+    def max_positions(self) -> int:
+        """Length the RoPE table covers: --max-position-embeddings, default --seq-length."""
+        return self.max_position_embeddings or self.seq_length
 
     @property
     def padded_vocab_size(self) -> int:
@@ -247,6 +340,15 @@ class SpiralConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_position_embedding(kind: str) -> None:
+    if kind in POSITION_EMBEDDING_TYPES:
+        return
+    why = _REJECTED_POSITION_EMBEDDINGS.get(kind, "it is not a Megatron-LM position embedding type")
+    raise SpiralConfigError(
+        f"--position-embedding-type {kind}: SpiralFormer uses RoPE ({why}); use "
+        "--position-embedding-type rope (--rotary-percent/--rotary-base tune it)")
 
 
 def _choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:

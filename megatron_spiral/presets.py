@@ -53,14 +53,19 @@ def _layout(alloc, schedule: str) -> str:
     return f"{pre}+{loop}x{schedule}+{post}"
 
 
+# Pythia's choices, spelled out because Megatron-LM's defaults differ (tied, dropout 0.1).
+PYTHIA_ARCHITECTURE = dict(untie_embeddings_and_output_weights=True, hidden_dropout=0.0,
+                           attention_dropout=0.0)
+
+
 def _build_presets() -> Dict[str, dict]:
     presets: Dict[str, dict] = {
         "tiny": dict(layout="1+2x{1/4,1/2,1}+1", hidden_size=64, num_attention_heads=4,
-                     vocab_size=256, seq_length=64),
+                     vocab_size=256, seq_length=64, **PYTHIA_ARCHITECTURE),
     }
     for size, (hidden, heads, layers, alloc_b, alloc_l) in _SIZES.items():
         common = dict(hidden_size=hidden, num_attention_heads=heads,
-                      vocab_size=GPT_NEOX_VOCAB_SIZE, seq_length=4096)
+                      vocab_size=GPT_NEOX_VOCAB_SIZE, seq_length=4096, **PYTHIA_ARCHITECTURE)
         presets[f"pythia-{size}"] = dict(layout=str(layers), **common)
         for topology in ("anchor", "mesh"):
             presets[f"looped-{size}-{topology}"] = dict(

@@ -16,13 +16,29 @@ from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model.chunking import num_chunks
 
 
-def layer_params(config: SpiralConfig) -> int:
-    """One GPT-NeoX layer: QKV + out projection + MLP, all with biases, two norms.
-    With ffn = 4d and LayerNorm this is 12 d^2 + 13 d."""
+def attention_params(config: SpiralConfig) -> int:
+    """QKV projection to (heads + 2 * query_groups) * head_dim rows and the output projection
+    from heads * head_dim; biases as Megatron-LM places them (QKV: add_bias_linear or
+    add_qkv_bias; output: add_bias_linear)."""
+    d, kv = config.hidden_size, config.head_dim
+    qkv_rows = (config.num_attention_heads + 2 * config.query_groups) * kv
+    qkv = qkv_rows * d + (qkv_rows if config.qkv_bias else 0)
+    proj = config.num_attention_heads * kv * d + (d if config.linear_bias else 0)
+    return qkv + proj
+
+
+def mlp_params(config: SpiralConfig) -> int:
+    """fc1 (2 x ffn rows with SwiGLU: gate and up) and fc2, with biases unless disabled."""
     d, f = config.hidden_size, config.ffn_size
-    attention = 3 * d * d + 3 * d + d * d + d
-    mlp = d * f + f + f * d + d
-    return attention + mlp + 2 * norm_params(config)
+    fc1_rows = 2 * f if config.swiglu else f
+    bias = config.linear_bias
+    return fc1_rows * d + (fc1_rows if bias else 0) + f * d + (d if bias else 0)
+
+
+def layer_params(config: SpiralConfig) -> int:
+    """One layer: attention + MLP + two norms. GPT-NeoX defaults (ffn = 4d, biases, MHA,
+    LayerNorm) give 12 d^2 + 13 d."""
+    return attention_params(config) + mlp_params(config) + 2 * norm_params(config)
 
 
 def norm_params(config: SpiralConfig) -> int:
@@ -66,17 +82,22 @@ def count_params(config: SpiralConfig) -> ParamCount:
         "resampling": resampler_params(config),
         "topology": topology_params(config),
         "embedding": vocab * d,
-        "output_layer": vocab * d,
+        # Tied embeddings: the output layer reuses the embedding matrix (counted once).
+        "output_layer": 0 if config.tied_embeddings else vocab * d,
     }
     total = sum(parts.values())
     return ParamCount(total, total - parts["embedding"] - parts["output_layer"], parts)
 
 
 def layer_forward_flops(config: SpiralConfig, length: int) -> int:
-    """Matmul FLOPs of one layer over a sequence of ``length`` tokens."""
+    """Matmul FLOPs of one layer over a sequence of ``length`` tokens (GQA, kv_channels and SwiGLU
+    change the projection shapes; attention is scores + values over heads * head_dim)."""
     d, f = config.hidden_size, config.ffn_size
-    linear = 2 * length * (4 * d * d + 2 * d * f)
-    attention = 4 * length * length * d
+    inner = config.num_attention_heads * config.head_dim
+    qkv = d * (config.num_attention_heads + 2 * config.query_groups) * config.head_dim
+    mlp = d * f * (3 if config.swiglu else 2)
+    linear = 2 * length * (qkv + inner * d + mlp)
+    attention = 4 * length * length * inner
     return linear + attention
 
 

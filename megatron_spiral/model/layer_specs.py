@@ -9,12 +9,14 @@ resolution because the compressed sequence is just a shorter sequence.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -118,13 +120,19 @@ class SDPACoreAttention(MegatronModule):
             out = self._explicit_attention(q, k, v, causal, attention_mask)
             s, b = out.shape[2], out.shape[0]
             return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=None if causal else _sdpa_mask(attention_mask),
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal,
-            scale=self.softmax_scale,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # As megatron's DotProductAttention: heads are split over TP ranks, so attention dropout
+        # draws from the tensor-parallel RNG stream (different per rank) unless SP is on.
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
+               if dropout > 0 and not self.config.sequence_parallel else contextlib.nullcontext())
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=None if causal else _sdpa_mask(attention_mask),
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+            )
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

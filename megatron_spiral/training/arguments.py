@@ -10,9 +10,10 @@ import argparse
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_spiral.cli import add_dataclass_arguments, dataclass_from_args, explicit_overrides
-from megatron_spiral.config import SpiralConfig, SpiralConfigError
-from megatron_spiral.presets import PRESETS, get_preset
+from megatron_spiral.cli import add_dataclass_arguments, dataclass_from_args
+from megatron_spiral.config import SpiralConfig
+from megatron_spiral.model_args import add_model_arguments, model_config_from_args
+from megatron_spiral.presets import PRESETS
 
 
 def _h(text: str, **extra) -> dict:
@@ -116,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from a named model (" + ", ".join(PRESETS) + "); model flags "
                              "given explicitly override it")
     # The model's vocabulary comes from the tokenizer (--vocab-size belongs to NullTokenizer).
-    add_dataclass_arguments(parser, SpiralConfig, "model", "architecture (SpiralConfig)",
-                            skip=("vocab_size",), defaults_to_none=True)
+    add_model_arguments(parser, skip=("vocab_size",))
     add_dataclass_arguments(parser, ParallelConfig, "parallelism and precision")
     add_dataclass_arguments(parser, TrainConfig, "training")
     add_dataclass_arguments(parser, OptimConfig, "optimizer and learning-rate schedule")
@@ -135,12 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = explicit_overrides(args, SpiralConfig)
-    overrides.pop("vocab_size", None)
-    try:
-        model = get_preset(args.preset or "tiny", **overrides)
-    except SpiralConfigError as err:
-        parser.error(str(err))
+    model = model_config_from_args(args, parser.error)
     run = RunConfig(
         model=model,
         preset=args.preset,

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 
 from megatron_spiral.analysis.accounting import count_params, training_flops_per_sequence
 from megatron_spiral.model.layer_specs import resolve_transformer_impl
+from megatron_spiral.model_args import describe_architecture
 from megatron_spiral.parallel import initialize_parallel
 from megatron_spiral.training.arguments import RunConfig
 from megatron_spiral.training.data import build_iterators, build_run_tokenizer
@@ -26,10 +27,10 @@ def _describe(run: RunConfig, state) -> None:
     dp = parallel_state.get_data_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     print_rank_0(
-        f" > model: {run.preset or 'custom'} layout={spiral.layout} topology={spiral.topology} "
-        f"d={spiral.hidden_size} heads={spiral.num_attention_heads} seq={spiral.seq_length} "
+        f" > model: {run.preset or 'custom (no --preset)'} {describe_architecture(spiral)} "
         f"vocab={spiral.vocab_size}->{spiral.padded_vocab_size} "
-        f"layer spec={resolve_transformer_impl(spiral.transformer_impl)}\n"
+        f"layer spec={resolve_transformer_impl(spiral.transformer_impl)} (attention: "
+        f"{'Transformer Engine' if resolve_transformer_impl(spiral.transformer_impl) == 'transformer_engine' else 'torch SDPA'})\n"
         f" > parameters: {params.total / 1e6:.2f}M total, {params.non_embedding / 1e6:.2f}M "
         f"non-embedding; training FLOPs/sequence {training_flops_per_sequence(spiral) / 1e9:.2f} GFLOP\n"
         f" > parallel: world={dist.get_world_size()} TP={tp} SP={state.model.module.config.sequence_parallel} "
