@@ -74,6 +74,14 @@ class SpiralFormerConfig(PretrainedConfig):
         decode_coarse_schedule: str = "inline",
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
+        seq_length: Optional[int] = None,
+        num_key_value_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        disable_bias_linear: bool = False,
+        add_qkv_bias: bool = False,
+        swiglu: bool = False,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
         **kwargs,
     ) -> None:
         for name in _DERIVED:  # derived values in a config.json are informational only
@@ -87,9 +95,24 @@ class SpiralFormerConfig(PretrainedConfig):
         self.chunk_offset = chunk_offset
         self.hidden_size = int(hidden_size)
         self.num_attention_heads = int(num_attention_heads)
-        self.intermediate_size = int(intermediate_size or 4 * self.hidden_size)
+        # Megatron-LM's architecture flags (same names as megatron_spiral's SpiralConfig).
+        self.swiglu = bool(swiglu)
+        self.disable_bias_linear = bool(disable_bias_linear)
+        self.add_qkv_bias = bool(add_qkv_bias)
+        self.hidden_dropout = float(hidden_dropout)
+        self.attention_dropout = float(attention_dropout)
+        self.num_key_value_heads = int(num_key_value_heads or self.num_attention_heads)
+        if head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}; set head_dim")
+        self.head_dim = int(head_dim or self.hidden_size // self.num_attention_heads)
+        default_ffn = (int((4 * self.hidden_size * 2 / 3) / 64) * 64 if self.swiglu
+                       else 4 * self.hidden_size)  # Megatron-LM's rule
+        self.intermediate_size = int(intermediate_size or default_ffn)
         self.vocab_size = int(vocab_size)
         self.max_position_embeddings = int(max_position_embeddings)
+        # Training length; exports made before it was recorded trained at max_position_embeddings.
+        self.seq_length = int(seq_length or self.max_position_embeddings)
         self.normalization = normalization
         self.layer_norm_eps = float(layer_norm_eps)
         self.rotary_percent = float(rotary_percent)
@@ -113,8 +136,8 @@ class SpiralFormerConfig(PretrainedConfig):
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
         self.num_pre_layers, self.num_loop_layers, self.num_post_layers = pre, loop, post
         self.num_iterations = len(resolutions)
@@ -138,5 +161,10 @@ class SpiralFormerConfig(PretrainedConfig):
         self.num_mesh_slots = self.mesh_slots if self.mesh_slots is not None else self.num_iterations + 3
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def linear_bias(self) -> bool:
+        return not self.disable_bias_linear
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Megatron-LM: the QKV projection has a bias when add_bias_linear or add_qkv_bias."""
+        return self.linear_bias or self.add_qkv_bias

@@ -27,15 +27,21 @@ import torch
 from megatron_spiral.hf.configuration_spiral import SpiralFormerConfig
 
 # SpiralConfig field -> HF config attribute (where the HF name differs)
-_FIELD_TO_HF = {"ffn_hidden_size": "intermediate_size", "seq_length": "max_position_embeddings",
-                "layernorm_epsilon": "layer_norm_eps", "init_method_std": "initializer_range"}
+_FIELD_TO_HF = {"ffn_hidden_size": "intermediate_size", "layernorm_epsilon": "layer_norm_eps",
+                "init_method_std": "initializer_range"}
+# SpiralConfig fields carried by a derived HF attribute instead (see hf_config_from_spiral).
+_DERIVED_FIELDS = ("transformer_impl", "untie_embeddings_and_output_weights", "group_query_attention",
+                   "num_query_groups", "kv_channels", "max_position_embeddings",
+                   "position_embedding_type")
 
 
 def hf_config_from_spiral(spiral, tokenizer_meta: dict = None) -> SpiralFormerConfig:
     """HF config of a megatron_spiral SpiralConfig (plus token ids from checkpoint metadata)."""
     fields = dataclasses.asdict(spiral)
-    kwargs = {_FIELD_TO_HF.get(k, k): v for k, v in fields.items() if k != "transformer_impl"}
-    kwargs["intermediate_size"] = spiral.ffn_size
+    kwargs = {_FIELD_TO_HF.get(k, k): v for k, v in fields.items() if k not in _DERIVED_FIELDS}
+    kwargs.update(intermediate_size=spiral.ffn_size, max_position_embeddings=spiral.max_positions,
+                  tie_word_embeddings=spiral.tied_embeddings, num_key_value_heads=spiral.query_groups,
+                  head_dim=spiral.head_dim)
     if tokenizer_meta:
         eod, pad = tokenizer_meta.get("eod"), tokenizer_meta.get("pad")
         if eod is not None and 0 <= eod < spiral.vocab_size:
@@ -52,10 +58,19 @@ def spiral_fields_from_hf(config: SpiralFormerConfig) -> dict:
     fields = {}
     for field in dataclasses.fields(SpiralConfig):
         hf_name = _FIELD_TO_HF.get(field.name, field.name)
-        if hasattr(config, hf_name):
+        if field.name not in _DERIVED_FIELDS and hasattr(config, hf_name):
             fields[field.name] = getattr(config, hf_name)
-    if fields.get("ffn_hidden_size") == 4 * fields["hidden_size"]:
-        fields["ffn_hidden_size"] = None  # SpiralConfig's default spelling of 4d
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    fields.update(
+        untie_embeddings_and_output_weights=not config.tie_word_embeddings,
+        group_query_attention=kv_heads != heads, num_query_groups=kv_heads if kv_heads != heads else 1,
+        kv_channels=None if config.head_dim * heads == config.hidden_size else config.head_dim,
+        max_position_embeddings=(None if config.max_position_embeddings == config.seq_length
+                                 else config.max_position_embeddings))
+    default_ffn = SpiralConfig(hidden_size=fields["hidden_size"], num_attention_heads=heads, kv_channels=config.head_dim,
+                               swiglu=fields.get("swiglu", False)).ffn_size
+    if fields.get("ffn_hidden_size") == default_ffn:
+        fields["ffn_hidden_size"] = None  # SpiralConfig's default spelling
     fields["transformer_impl"] = "local"
     return fields
 
@@ -140,6 +155,8 @@ def hf_to_megatron_state_dict(hf_state: Dict[str, torch.Tensor], gpt_state: Dict
     wanted = megatron_to_hf_state_dict(
         {k: v for k, v in gpt_state.items() if v is not None and not k.endswith("_extra_state")},
         vocab_size=hf_state["model.embed_tokens.weight"].shape[0], heads=heads, groups=groups)
+    if "output_layer.weight" not in gpt_state:  # tied: an HF lm_head copy carries no new weights
+        hf_state = {k: v for k, v in hf_state.items() if k != "lm_head.weight"}
     missing = sorted(set(wanted) - set(hf_state))
     unexpected = sorted(set(hf_state) - set(wanted))
     if missing or unexpected:
@@ -182,7 +199,9 @@ def hf_model_from_megatron(spiral_lm, tokenizer_meta: dict = None):
     config = hf_config_from_spiral(spiral_lm.config, tokenizer_meta)
     model = SpiralFormerForCausalLM(config)
     state = megatron_to_hf_state_dict(spiral_lm.gpt.state_dict(), spiral_lm.config.vocab_size,
-                                      spiral_lm.config.num_attention_heads)
+                                      spiral_lm.config.num_attention_heads, spiral_lm.config.query_groups)
+    if config.tie_word_embeddings:  # megatron has no output_layer.weight: it reads the embedding
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True)
     return model.to(next(spiral_lm.gpt.parameters()).device).eval()
 
@@ -374,7 +393,8 @@ def import_from_hf(hf_dir: str, save_dir: str, force: bool = False,
     _say(progress, "[2/3] building the megatron model at TP=1 and mapping weights")
     model = build_model(preset="tiny", device="cpu", **fields)
     full = model.gpt.state_dict()
-    full.update(hf_to_megatron_state_dict(hf_state, full, config.num_attention_heads))
+    full.update(hf_to_megatron_state_dict(hf_state, full, config.num_attention_heads,
+                                          config.num_key_value_heads))
     model.gpt.load_state_dict(full)
     _say(progress, f"[3/3] writing megatron checkpoint {save_dir}")
     tokenizer = _hf_tokenizer(hf_dir, config, progress)

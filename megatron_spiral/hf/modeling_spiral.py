@@ -17,7 +17,8 @@ Conventions shared with training (megatron_spiral.model): the partial first chun
 offset holds g_t - omega_t tokens; self-aggregation's softmax runs over its real members only and
 mean pooling divides by g_t (literal eq. 16); L_t = floor((L + omega_t) / g_t) keeps every complete
 chunk; the compressed sequence uses RoPE positions 0..L_t-1 (chunk index); layers are GPT-NeoX
-style pre-norm blocks (LayerNorm/RMSNorm, biases, exact-erf GELU MLP, non-interleaved RoPE over
+style pre-norm blocks (LayerNorm/RMSNorm, biases unless disabled, exact-erf GELU or SwiGLU MLP,
+MHA or grouped-query attention, hidden/attention dropout in train mode, non-interleaved RoPE over
 ``rotary_percent`` of each head).
 
 Padding: rows may hold different numbers of real tokens (``attention_mask``; left padding is the
@@ -104,40 +105,56 @@ class SpiralRotary(nn.Module):
 
 class SpiralAttention(nn.Module):
     """Causal self-attention. ``qkv_proj`` rows are [all query heads; all key heads; all value
-    heads] (head-major within each block); megatron's per-head interleaving is undone at export."""
+    heads] (head-major within each block); megatron's per-group interleaving is undone at export.
+    Grouped-query attention: query head h reads key/value group h // (heads / kv_heads)."""
 
     def __init__(self, config: SpiralFormerConfig) -> None:
         super().__init__()
         d = config.hidden_size
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.qkv_proj = nn.Linear(d, 3 * d)
-        self.o_proj = nn.Linear(d, d)
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                    config.head_dim)
+        self.dropout = config.attention_dropout
+        self.qkv_proj = nn.Linear(d, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=config.linear_bias)
 
     def forward(self, x, cos, sin, kv: Optional[_KV] = None, span: Optional[_Span] = None):
         b, k_len, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, k_len, 3, self.heads, self.head_dim).transpose(1, 3)
-        q, k, v = qkv.unbind(dim=2)  # [b, heads, K, head_dim]
+        q, k, v = self.qkv_proj(x).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q, k, v = (t.view(b, k_len, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [b, heads, K, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_heads != self.heads:
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
         if kv is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            dropout = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
         else:
             out = kv.attend(q, k, v, span, scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, k_len, -1))
 
 
 class SpiralMLP(nn.Module):
+    """GELU MLP, or gated SiLU (``swiglu``: fc1 rows are [gate; up], as megatron's at TP=1)."""
+
     def __init__(self, config: SpiralFormerConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.swiglu = config.swiglu
+        rows = config.intermediate_size * (2 if self.swiglu else 1)
+        self.fc1 = nn.Linear(config.hidden_size, rows, bias=config.linear_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.linear_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        hidden = self.fc1(x)
+        if self.swiglu:
+            gate, up = hidden.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(hidden))
 
 
 class SpiralLayer(nn.Module):
-    """Pre-norm GPT-NeoX block: x + Attn(Norm(x)), then + MLP(Norm(.))."""
+    """Pre-norm GPT-NeoX block: x + Drop(Attn(Norm(x))), then + Drop(MLP(Norm(.))) (megatron's
+    hidden dropout sits on each branch before the residual add)."""
 
     def __init__(self, config: SpiralFormerConfig) -> None:
         super().__init__()
@@ -146,10 +163,11 @@ class SpiralLayer(nn.Module):
         self.attn = SpiralAttention(config)
         self.mlp_norm = SpiralNorm(config.hidden_size, config.layer_norm_eps, rms)
         self.mlp = SpiralMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x, cos, sin, kv=None, span=None):
-        x = x + self.attn(self.input_norm(x), cos, sin, kv, span)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.dropout(self.attn(self.input_norm(x), cos, sin, kv, span))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class SpiralResampler(nn.Module):
@@ -233,6 +251,7 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
     def __init__(self, config: SpiralFormerConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)  # megatron's embedding dropout
         self.pre_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_pre_layers))
         self.core_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_loop_layers))
         self.post_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_post_layers))
@@ -279,7 +298,7 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
     # ------------------------------------------------------------ Algorithm 1
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states [b, L, d] of rows whose real tokens are positions 0..L-1."""
-        return self._blocks(self.embed_tokens(input_ids))
+        return self._blocks(self.embed_dropout(self.embed_tokens(input_ids)))
 
     def _core(self, z: torch.Tensor, t: int, span: Optional[_Span] = None, cache=None) -> torch.Tensor:
         """f_loop on the compressed sequence (eq. 9); RoPE position = chunk index."""
@@ -311,7 +330,7 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         if width > 1:
             cache.drain()
         span = _Span(cache.lengths, counts, width, input_ids.device)
-        hidden = self._blocks(self.embed_tokens(input_ids), span, cache)
+        hidden = self._blocks(self.embed_dropout(self.embed_tokens(input_ids)), span, cache)
         cache.lengths = [p + c for p, c in zip(cache.lengths, counts)]
         return hidden
 
@@ -443,7 +462,10 @@ def _uncompact(hidden: torch.Tensor, counts: List[int], order: Optional[torch.Te
 
 
 class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
-    """SpiralFormer with an untied LM head over the real vocabulary."""
+    """SpiralFormer with an LM head over the real vocabulary, tied to the input embeddings when
+    ``config.tie_word_embeddings`` (Megatron-LM's default without --untie-embeddings-and-output-weights)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: SpiralFormerConfig) -> None:
         super().__init__(config)
