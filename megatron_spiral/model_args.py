@@ -118,17 +118,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, skip=("vocab_size",)) -
     rejected = parser.add_argument_group(
         "Megatron-LM model flags that SpiralFormer does not support (each stops with the reason)")
     for flag, (takes_value, reason) in REJECTED_FLAGS.items():
-        rejected.add_argument(flag, action=_Reject, reason=reason, nargs="?" if takes_value else 0,
-                              help=f"not supported: {reason}")
+        extra = {"nargs": "?", "metavar": "VALUE"} if takes_value else {"nargs": 0}
+        rejected.add_argument(flag, action=_Reject, reason=reason, help=f"not supported: {reason}",
+                              **extra)
 
 
 def model_config_from_args(args: argparse.Namespace, error: Callable[[str], None],
-                           require_dims: bool = True, preset: Optional[str] = None) -> SpiralConfig:
+                           require_dims: bool = True, vocab_from_flags: bool = False) -> SpiralConfig:
     """SpiralConfig of the parsed flags (see the module docstring); ``error`` reports a bad flag
-    combination (``parser.error``: prints, exits 2)."""
-    preset = preset if preset is not None else getattr(args, "preset", None)
+    combination (``parser.error``: prints, exits 2). In training the vocabulary comes from the
+    tokenizer (``--vocab-size`` there is NullTokenizer's), so it is ignored unless
+    ``vocab_from_flags``."""
+    preset = getattr(args, "preset", None)
     overrides = explicit_overrides(args, SpiralConfig)
-    overrides.pop("vocab_size", None)
+    if not vocab_from_flags:
+        overrides.pop("vocab_size", None)
     if getattr(args, "use_rotary_position_embeddings", False):
         overrides["position_embedding_type"] = "rope"  # Megatron-LM: the legacy flag wins
     backend = getattr(args, "attention_backend", "auto")

@@ -63,3 +63,15 @@ def test_model_report_rejects_bad_layout_with_exit_code():
         [sys.executable, os.path.join(ROOT, "tools", "model_report.py"), "--spiral-layout", "2+4x{1/8+2"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 2 and "cannot parse layout" in out.stderr
+
+
+@pytest.mark.parametrize("size,d,layers", [("160m", 768, 12), ("410m", 1024, 24), ("1b", 2048, 16)])
+def test_pythia_presets_are_untied_gpt_neox_by_closed_form(size, d, layers):
+    """Table 1's Pythia rows: L (12d^2 + 13d) + final LayerNorm 2d + two untied 50304 x d matrices.
+    Megatron-LM ties embeddings by default, so the presets must say untied explicitly."""
+    config = get_preset(f"pythia-{size}")
+    assert not config.tied_embeddings and config.hidden_dropout == 0.0 == config.attention_dropout
+    expected = layers * (12 * d * d + 13 * d) + 2 * d + 2 * 50304 * d
+    assert count_params(config).total == expected
+    tied = count_params(config.replace(untie_embeddings_and_output_weights=False))
+    assert tied.total == expected - 50304 * d and tied.non_embedding == count_params(config).non_embedding

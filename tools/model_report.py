@@ -6,6 +6,8 @@ Examples:
   python tools/model_report.py --spiral-layout "2+4x{1/8,1/4,1/2,1}+2" --hidden-size 768 \\
       --num-attention-heads 12 --vocab-size 50277 --seq-length 4096 --json
   python tools/model_report.py --all-presets          # every Table 1 row next to the paper's
+  python tools/model_report.py --num-layers 12 --hidden-size 768 --num-attention-heads 12 \\
+      --seq-length 2048 --swiglu --group-query-attention --num-query-groups 4   # tied (Megatron)
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import json
 import sys
 
 from megatron_spiral.analysis.accounting import count_params, forward_flops
-from megatron_spiral.cli import add_dataclass_arguments, explicit_overrides
-from megatron_spiral.config import SpiralConfig, SpiralConfigError
+from megatron_spiral.config import SpiralConfig
+from megatron_spiral.model_args import add_model_arguments, describe_architecture, model_config_from_args
 from megatron_spiral.presets import PAPER_TABLE1, PRESETS, get_preset
 
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "prefill_flops (and details)")
     parser.add_argument("--all-presets", action="store_true",
                         help="print every Table 1 preset next to the paper's numbers")
-    add_dataclass_arguments(parser, SpiralConfig, "model (override the preset)", defaults_to_none=True)
+    add_model_arguments(parser, skip=())
     return parser
 
 
@@ -40,6 +42,7 @@ def report(config: SpiralConfig) -> dict:
     return {
         "layout": config.layout,
         "topology": config.topology if config.parsed_layout.is_looped else None,
+        "tied_embeddings": config.tied_embeddings,
         "seq_length": config.seq_length,
         "params_total": params.total,
         "params_non_embedding": params.non_embedding,
@@ -55,6 +58,7 @@ def report(config: SpiralConfig) -> dict:
 
 def print_human(name: str, config: SpiralConfig, info: dict) -> None:
     print(f"model        : {name}")
+    print(f"architecture : {describe_architecture(config)}")
     print(f"layout       : {config.layout}   topology={info['topology']}  d={config.hidden_size} "
           f"heads={config.num_attention_heads}  vocab={config.vocab_size}->{config.padded_vocab_size}")
     if config.parsed_layout.is_looped:
@@ -86,14 +90,9 @@ def main(argv=None) -> int:
     if args.all_presets:
         print_all_presets()
         return 0
-    overrides = explicit_overrides(args, SpiralConfig)
-    try:
-        if args.preset:
-            config, name = get_preset(args.preset, **overrides), args.preset
-        else:
-            config, name = SpiralConfig(**overrides), "custom"
-    except SpiralConfigError as err:
-        parser.exit(2, f"model_report.py: error: {err}\n")
+    # Same resolution as pretrain_spiral.py: Megatron-LM defaults (tied, ...) without --preset.
+    config = model_config_from_args(args, parser.error, require_dims=False, vocab_from_flags=True)
+    name = args.preset or "custom"
     info = report(config)
     if args.json:
         print(json.dumps(info))
