@@ -93,7 +93,7 @@ def _restate_megatron_defaults(group: argparse._ArgumentGroup) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser, skip=("vocab_size",)) -> None:
     """Every model flag: SpiralConfig's fields plus the Megatron-LM extras described above."""
-    group = add_dataclass_arguments(parser, SpiralConfig, "model architecture (SpiralConfig)",
+    group = add_dataclass_arguments(parser, SpiralConfig, "model", "architecture (SpiralConfig)",
                                     skip=skip, defaults_to_none=True)
     _restate_megatron_defaults(group)
     group.add_argument("--num-layers", type=int, default=None, help=(
