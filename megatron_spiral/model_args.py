@@ -80,22 +80,19 @@ class _Reject(argparse.Action):
         parser.error(f"{option_string} is not supported: {self.reason}")
 
 
-def _restate_megatron_defaults(group: argparse._ArgumentGroup) -> None:
-    """The generated help shows the config field's default (old checkpoints' behaviour); say
-    what a run without --preset gets instead."""
+def _drop_field_defaults(group: argparse._ArgumentGroup) -> None:
+    """The generated help appends the config field's default (what old checkpoints mean); for
+    fields whose command-line default is Megatron-LM's, the help text says that instead."""
     for action in group._group_actions:
         if action.dest in MEGATRON_DEFAULTS and action.help:
-            default = MEGATRON_DEFAULTS[action.dest]
-            shown = "absent" if isinstance(default, bool) and not default else default
-            action.help = action.help.rsplit(" (default:", 1)[0] + (
-                f" (default without --preset: {shown}, as Megatron-LM; presets set it)")
+            action.help = action.help.rsplit(" (default:", 1)[0]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, skip=("vocab_size",)) -> None:
     """Every model flag: SpiralConfig's fields plus the Megatron-LM extras described above."""
     group = add_dataclass_arguments(parser, SpiralConfig, "model", "architecture (SpiralConfig)",
                                     skip=skip, defaults_to_none=True)
-    _restate_megatron_defaults(group)
+    _drop_field_defaults(group)
     group.add_argument("--num-layers", type=int, default=None, help=(
         "transformer layers (Megatron-LM). Without --spiral-layout and --preset: a non-looped GPT "
         "of this many layers; with them it must equal the unique layer count N_pre+N_loop+N_post"))
@@ -160,6 +157,10 @@ def model_config_from_args(args: argparse.Namespace, error: Callable[[str], None
             config = SpiralConfig(**fields)
     except SpiralConfigError as err:
         error(str(err))
+    tp = getattr(args, "tensor_model_parallel_size", None) or 1
+    if config.query_groups % tp:
+        error(f"--num-query-groups {config.query_groups} is not divisible by "
+              f"--tensor-model-parallel-size {tp}: each TP rank holds whole key/value groups")
     if num_layers is not None:
         unique = parse_layout(config.layout).num_unique_layers
         if unique != num_layers:

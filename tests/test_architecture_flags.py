@@ -219,6 +219,47 @@ def test_accepted_megatron_flags_parse():
     assert run.model.normalization == "RMSNorm"
 
 
+def test_query_groups_must_split_over_tensor_parallel_ranks(capsys):
+    err = _parse_error(["--num-layers", "1", "--group-query-attention", "--tensor-model-parallel-size", "2"]
+                       + CUSTOM, capsys)
+    assert "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2" in err
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(swiglu=True, untie_embeddings_and_output_weights=False),
+    dict(group_query_attention=True, num_query_groups=1, kv_channels=20, disable_bias_linear=True),
+])
+def test_new_knobs_keep_strict_causality(knobs):
+    """Changing tokens >= j never changes logits < j (tests/test_causality.py's detector)."""
+    from test_causality import _assert_causal, _tiny
+
+    _assert_causal(_tiny(topology="mesh", **knobs), 29, (1, 5, 13, 28))
+
+
+def test_pretrain_log_says_exactly_what_was_built(tmp_path):
+    """pretrain_spiral.py --num-layers 2 (no preset) trains the 2-layer tied GPT and says so."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, "pretrain_spiral.py"), "--num-layers", "2", "--swiglu",
+            "--group-query-attention", "--num-query-groups", "2", "--micro-batch-size", "2",
+            "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0"] + CUSTOM
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if " > model:" in ln)
+    for part in ("custom (no --preset)", "layout=2 (non-looped GPT, 2 unique layers)", "GQA 4 heads/2 kv groups",
+                 "SwiGLU", "embeddings=tied", "dropout(hidden=0.1, attention=0.1)"):
+        assert part in line, (part, line)
+    params = next(ln for ln in proc.stdout.splitlines() if " > parameters:" in ln)
+    config = SpiralConfig(layout="2", hidden_size=64, num_attention_heads=4, seq_length=32, swiglu=True,
+                          group_query_attention=True, num_query_groups=2,
+                          untie_embeddings_and_output_weights=False, vocab_size=256)
+    assert f"{count_params(config).total / 1e6:.2f}M total" in params
+
+
 # ----------------------------------------------------------------------------- accounting
 GRID = list(itertools.product((False, True), (False, True), (False, True), (False, True)))
 
