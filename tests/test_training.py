@@ -219,7 +219,7 @@ def test_preset_with_explicit_override_flags():
 
 def test_flag_errors_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_config(["--sequence-parallel"])
+        run_config(["--preset", "tiny", "--sequence-parallel"])  # without a model: --num-layers error
     assert exit_info.value.code == 2
     assert "--sequence-parallel needs --tensor-model-parallel-size > 1" in capsys.readouterr().err
 
