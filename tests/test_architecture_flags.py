@@ -346,15 +346,15 @@ def test_hf_dropout_follows_train_and_eval():
         assert not torch.allclose(model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
-# ----------------------------------------------------------------------------- tensor parallel
-TP_KNOBS = [dict(topology="mesh", untie_embeddings_and_output_weights=False, group_query_attention=True,
-                 num_query_groups=2, kv_channels=12, disable_bias_linear=True, add_qkv_bias=True)]
+def test_exports_written_before_the_new_fields_convert_back_to_the_old_model():
+    """An older config.json has no seq_length / num_key_value_heads / head_dim / swiglu / bias
+    keys and max_position_embeddings = the training length: it must rebuild the old model."""
+    from megatron_spiral.hf.configuration_spiral import SpiralFormerConfig
+    from megatron_spiral.hf.convert import spiral_fields_from_hf
 
-
-def test_tp2_sequence_parallel_matches_tp1_with_tied_gqa_no_bias():
-    """Tied vocab-parallel embeddings, grouped QKV split over ranks (whole groups per rank) and
-    bias-free linears give TP=1's loss and gradients at TP=2+SP (dropout 0)."""
-    from distributed import run_on_ranks
-    from test_tensor_parallel import _compare_all
-
-    run_on_ranks(_compare_all, 2, TP_KNOBS)
+    old = SpiralFormerConfig(layout="1+1x{1/2,1}+1", hidden_size=32, num_attention_heads=4,
+                             vocab_size=61, max_position_embeddings=48, intermediate_size=128)
+    config = SpiralConfig(**spiral_fields_from_hf(old))
+    assert (config.seq_length, config.max_position_embeddings, config.tied_embeddings) == (48, None, False)
+    assert (config.query_groups, config.head_dim, config.ffn_hidden_size, config.swiglu) == (4, 8, None, False)
+    assert config.qkv_bias and config.hidden_dropout == 0.0

@@ -1,5 +1,5 @@
 """TP=2 with sequence parallelism gives the loss and gradients of TP=1 for the same weights
-(fp32, two gloo processes), for the anchor and MeSH topologies."""
+(fp32, two gloo processes), for the anchor and MeSH topologies and the Megatron-LM layer knobs."""
 
 import pytest
 import torch
@@ -66,6 +66,10 @@ KNOB_SETS = [
     dict(topology="anchor", chunk_offset="half", downscale="self_aggregation", upscale="router"),
     dict(topology="mesh", chunk_offset="zero", downscale="self_aggregation", upscale="router"),
     dict(topology="mesh", chunk_offset="half", downscale="mean", upscale="uniform", shift="parallel"),
+    # Megatron-LM architecture flags: tied vocab-parallel embeddings, grouped QKV (whole groups
+    # per rank), kv_channels != d/heads, bias-free linears with a QKV bias.
+    dict(topology="mesh", untie_embeddings_and_output_weights=False, group_query_attention=True,
+         num_query_groups=2, kv_channels=12, disable_bias_linear=True, add_qkv_bias=True),
 ]
 
 
