@@ -34,12 +34,19 @@ def _loss_and_grads(tp, knobs, seed=7):
         if tp > 1 and getattr(param, "sequence_parallel", False):
             dist.all_reduce(grad, group=group)  # what finalize_model_grads does for SP params
         if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            dim = param.partition_dim
-            grad = torch.cat(_all_gather(grad, group, tp), dim=dim)
-            weight = torch.cat(_all_gather(weight, group, tp), dim=dim)
+            dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+            grad = _unshard(_all_gather(grad, group, tp), dim, stride)
+            weight = _unshard(_all_gather(weight, group, tp), dim, stride)
         grads[name], weights[name] = grad, weight
     parallel_state.destroy_model_parallel()
     return loss.item(), grads, weights
+
+
+def _unshard(parts, dim, stride):
+    """Full tensor from TP shards. megatron splits a strided weight (SwiGLU's fc1, stride 2:
+    [gate; up]) per block, so rank r holds [gate_r; up_r]: reassemble block by block."""
+    blocks = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([rank_blocks[k] for k in range(stride) for rank_blocks in blocks], dim=dim)
 
 
 def _all_gather(tensor, group, size):
@@ -67,9 +74,9 @@ KNOB_SETS = [
     dict(topology="mesh", chunk_offset="zero", downscale="self_aggregation", upscale="router"),
     dict(topology="mesh", chunk_offset="half", downscale="mean", upscale="uniform", shift="parallel"),
     # Megatron-LM architecture flags: tied vocab-parallel embeddings, grouped QKV (whole groups
-    # per rank), kv_channels != d/heads, bias-free linears with a QKV bias.
+    # per rank), kv_channels != d/heads, bias-free linears with a QKV bias, SwiGLU (strided fc1).
     dict(topology="mesh", untie_embeddings_and_output_weights=False, group_query_attention=True,
-         num_query_groups=2, kv_channels=12, disable_bias_linear=True, add_qkv_bias=True),
+         num_query_groups=2, kv_channels=12, disable_bias_linear=True, add_qkv_bias=True, swiglu=True),
 ]
 
 
