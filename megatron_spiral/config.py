@@ -143,7 +143,7 @@ class SpiralConfig:
     hidden_size: int = field(default=64, metadata=_help("model width d"))
     num_attention_heads: int = field(default=4, metadata=_help("attention heads per layer"))
     ffn_hidden_size: Optional[int] = field(default=None, metadata=_help(
-        "MLP width (default 4 x hidden size)"))
+        "MLP width (default 4 x hidden size; with --swiglu int(8h/3 / 64) * 64, as Megatron-LM)"))
     vocab_size: int = field(default=256, metadata=_help(
         "real tokenizer vocabulary; padded to a multiple of --make-vocab-size-divisible-by"))
     make_vocab_size_divisible_by: int = field(default=128, metadata=_help(
