@@ -158,7 +158,10 @@ def build_training_state(spiral: SpiralConfig, parallel: ParallelConfig, train: 
                          optim: OptimConfig) -> TrainingState:
     dp = parallel_state.get_data_parallel_world_size()
     global_batch, microbatches = batch_geometry(train, dp)
-    ddp, _ = build_model(spiral, parallel)
+    ddp, config = build_model(spiral, parallel)
     optimizer, scheduler = build_optimizer(ddp, optim, parallel, train, global_batch)
+    # The schedule multiplies the loss by the (dynamic) loss scale before backward (Megatron-LM's
+    # wiring); without it --fp16 gradients would be divided by a scale they never got.
+    config.grad_scale_func = optimizer.scale_loss
     return TrainingState(ddp, optimizer, scheduler, spiral, microbatches, global_batch,
                          train_iters=resolve_train_iters(train, global_batch))
