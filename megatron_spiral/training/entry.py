@@ -95,4 +95,14 @@ def pretrain(run: RunConfig) -> int:
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    report_clean_exit()
     return 0
+
+
+def report_clean_exit() -> None:
+    """Tell examples/slurm/launch_node.sh that this rank finished cleanly (saved on the exit signal
+    included): torchrun exits 1 when SLURM's SIGTERM reaches it too, whatever the ranks did."""
+    status_dir = os.environ.get("SPIRAL_EXIT_STATUS_DIR")
+    if status_dir:
+        with open(os.path.join(status_dir, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write("0\n")
