@@ -41,3 +41,66 @@ def tiny_corpus(directory, documents: int = 240) -> tuple:
     run_preprocess(PreprocessConfig(input=[corpus], output_prefix=prefix, append_eod=True, progress=False),
                    TokenizerConfig("HuggingFaceTokenizer", tokenizer_model=tokenizer))
     return prefix + "_text_document", tokenizer
+
+
+def wandb_history(run_dir) -> list:
+    """History rows of the offline W&B runs under ``run_dir`` (its run-*.wandb file: LevelDB-log framed protobuf
+    Records; wandb >= 0.19 ships no Python reader for it)."""
+    import glob
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    paths = sorted(glob.glob(os.path.join(str(run_dir), "**", "run-*.wandb"), recursive=True))
+    assert paths, f"no W&B run under {run_dir}"
+    for path in paths:
+        rows += _wandb_file_history(path, wandb_internal_pb2)
+    return rows
+
+
+def _wandb_file_history(path, wandb_internal_pb2) -> list:
+    import struct
+
+    block = 32768
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    pos, pending, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 2:                    # first fragment
+            pending = chunk
+            continue
+        if kind == 3:                    # middle fragment
+            pending += chunk
+            continue
+        raw = pending + chunk if kind == 4 else chunk
+        pending = b""
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def tensorboard_scalars(directory) -> dict:
+    """{tag: [(step, value), ...]} over every event file under ``directory``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for root, _, files in os.walk(str(directory)):
+        for name in sorted(f for f in files if "tfevents" in f):
+            acc = EventAccumulator(os.path.join(root, name), size_guidance={"scalars": 0})
+            acc.Reload()
+            for tag in acc.Tags()["scalars"]:
+                scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
