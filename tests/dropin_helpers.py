@@ -31,6 +31,7 @@ def tiny_corpus(directory, documents: int = 240) -> tuple:
     from megatron_spiral.tokenizer import TokenizerConfig
 
     rng = random.Random(0)
+    os.makedirs(directory, exist_ok=True)
     corpus = os.path.join(directory, "corpus.jsonl")
     with open(corpus, "w") as f:
         for _ in range(documents):

@@ -89,7 +89,7 @@ class TrainConfig:
     manual_gc_eval: bool = field(default=True, metadata=_h(
         "with --manual-gc: collect before and after each evaluation"))
     dataloader_type: Optional[str] = field(default=None, metadata=_h(
-        "single: one pass in megatron's shuffled order, resumable; cyclic: reshuffle every epoch "
+        "single: megatron's shuffled sample order, resumable (cyclic and external are refused) "
         "(default: single)", choices=["single", "cyclic", "external"]))
     nan_policy: str = field(default="skip", metadata=_h(
         "on NaN/Inf loss or gradients: 'skip' the step (counted in the log) or 'stop' the run",
@@ -309,7 +309,10 @@ def _check_schedule(t: TrainConfig, o: OptimConfig) -> Optional[str]:
             t.train_samples is not None and t.train_samples < 1):
         return "--micro-batch-size and --train-iters/--train-samples must be >= 1"
     if t.dataloader_type == "external":
-        return "--dataloader-type external: only megatron indexed datasets are read here; use single or cyclic"
+        return "--dataloader-type external: only megatron indexed datasets are read here; use single"
+    if t.dataloader_type == "cyclic":
+        return ("--dataloader-type cyclic (reshuffle every epoch) is not implemented; use single (megatron's "
+                "GPTDataset is already shuffled and repeats its epochs in a new order)")
     return None
 
 
