@@ -311,3 +311,21 @@ def test_pythia_style_megatron_launch_line_fresh_exit_and_resume(tmp_path):
 
     rows = [r for r in wandb_history(tmp_path / "wandb") if "lm loss" in r]
     assert len(rows) >= 3 and all(math.isfinite(r["lm loss"]) for r in rows)
+
+
+def test_flag_table_page_is_in_sync():
+    """docs/megatron_flags.md is generated from the parser; regenerate it after adding a flag."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from megatron_flags_doc import PAGE, render
+
+    assert open(PAGE).read() == render(), "run: python tools/megatron_flags_doc.py"
+
+
+def test_eval_iters_zero_skips_evaluation(tmp_path):
+    """--eval-iters 0: no validation or test block at all (not a fake 0.0 loss)."""
+    proc = subprocess.run([sys.executable, SCRIPT, *MOCK, "--seq-length", "32", "--micro-batch-size", "2",
+                           "--train-iters", "2", "--log-interval", "1", "--eval-interval", "1", "--eval-iters", "0"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation loss" not in proc.stdout and "lm loss value" not in proc.stdout
+    assert " iteration        2/       2 |" in proc.stdout

@@ -52,6 +52,10 @@ class ParallelConfig:
         "steps without overflow before the dynamic loss scale is doubled"))
     hysteresis: int = field(default=2, metadata=_h("overflows tolerated before the dynamic scale is halved"))
     seed: int = field(default=1234, metadata=_h("random seed (weights, data order, dropout)"))
+    attention_backend: str = field(default="auto", metadata=_h(
+        "only auto: the attention kernel follows the layer spec (TE fused attention when Transformer Engine "
+        "is installed, else torch SDPA with FlashAttention-2 kernels on GPU)",
+        choices=["auto", "flash", "fused", "unfused", "local"]))
     distributed_backend: Optional[str] = field(default=None, metadata=_h(
         "torch.distributed backend (default: nccl; gloo when no GPU is present, as CPU runs need it)",
         choices=["nccl", "gloo"]))
@@ -276,6 +280,9 @@ def _check_parallel(p: ParallelConfig, heads: int) -> Optional[str]:
                 f"--tensor-model-parallel-size {p.tensor_model_parallel_size}")
     if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
         return "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce (as Megatron-LM)"
+    if p.attention_backend != "auto":
+        return (f"--attention-backend {p.attention_backend}: the kernel is chosen by the layer spec (TE fused "
+                "attention when installed, else torch SDPA = FlashAttention-2 on GPU); use auto")
     if p.fp16 and p.bf16:
         return "--fp16 and --bf16 exclude each other: pick one"
     if p.distributed_backend == "nccl" and not torch.cuda.is_available():

@@ -118,9 +118,39 @@ FLAG_REASONS: Dict[str, str] = {
     "--sft": "supervised fine-tuning is not implemented here; export to Hugging Face (tools/convert_checkpoint.py)",
     "--adlr-autoresume": "use --exit-signal-handler with SLURM --requeue (examples/slurm)",
     "--ckpt-step": "use --load DIR/iter_NNNNNNN",
+    "--relative-attention-num-buckets": "T5 relative positions are not used; SpiralFormer uses RoPE",
+    "--relative-attention-max-distance": "T5 relative positions are not used; SpiralFormer uses RoPE",
+    "--onnx-safe": "ONNX export is not supported; export to Hugging Face (tools/convert_checkpoint.py)",
+    "--bert-no-binary-head": "BERT models are not built here",
+    "--sample-rate": "BERT/T5 data flag", "--mask-prob": "BERT/T5 data flag", "--short-seq-prob": "BERT/T5 data flag",
+    "--apply-wd-to-qk-layernorm": "weight decay skips biases and norms (megatron-core's rule)",
+    "--no-weight-decay-cond-type": "weight decay skips biases and norms (megatron-core's rule)",
+    "--empty-unused-memory-level": "not implemented", "--train-sync-interval": "not implemented",
+    "--check-weight-hash-across-dp-replicas-interval": "not implemented; exact-resume tests cover DP agreement",
+    "--result-rejected-tracker-filename": "the rerun state machine is not used",
+    "--grad-reduce-in-bf16": "gradients are always accumulated and reduced in FP32",
+    "--accumulate-allreduce-grads-in-fp32": f"always on here: gradients are accumulated and reduced in FP32 ({DROP})",
+    "--attention-softmax-in-fp32": "not configurable: the attention kernel (SDPA / TE) chooses its softmax precision",
+    "--fp16-lm-cross-entropy": "the LM loss is computed in FP32",
+    "--disable-jit-fuser": "the JIT fusions are megatron-core's choice", "--te-rng-tracker": TE,
+    "--batch-invariant-mode": "not supported", "--use-te-activation-func": TE,
+    "--num-dataset-builder-threads": "megatron-core's dataset builder runs with one thread here",
+    "--test-mode": "not supported", "--no-barrier-with-level-1-timing": "per-phase timers are not implemented",
+    "--apply-query-key-layer-scaling": "attention scores use the standard 1/sqrt(d_head) scaling",
+    "--disable-bf16-reduced-precision-matmul": "not configurable",
+    "--mid-level-dataset-surplus": "megatron-core's default blending surplus is used",
+    "--allow-ambiguous-pad-tokens": "the tokenizer's pad id always differs from EOD (--pad-token)",
+    "--tokenizer-sentencepiece-legacy": "megatron-core's SentencePiece tokenizer is used",
+    "--tokenizer-hf-include-special-tokens": "tokenization follows tokenizer.json",
+    "--config-logger-dir": "not supported", "--overlap-param-gather-with-optimizer-step": "needs "
+    "interleaved pipeline parallelism, which looped models do not support; use --overlap-param-gather",
+    "--num-distributed-optimizer-instances": "one distributed-optimizer instance (ZeRO-1 over all DP ranks)",
+    "--save-retain-interval": "every saved iteration is kept; delete old iter_* directories yourself",
+    "--disable-gloo-process-groups": "megatron-core's default process groups are used",
 }
 
 PREFIX_REASONS: List[Tuple[str, str]] = [
+    ("--hybrid-context-parallel", "context parallelism is not implemented; use TP/DP"),
     ("--moe-", "mixture-of-experts is not implemented: SpiralFormer's core is dense"),
     ("--num-experts", "mixture-of-experts is not implemented: SpiralFormer's core is dense"),
     ("--expert-", "mixture-of-experts is not implemented: SpiralFormer's core is dense"),
@@ -171,6 +201,30 @@ PREFIX_REASONS: List[Tuple[str, str]] = [
     ("--min-offloaded-tensor-size", "activation offload is not implemented"),
     ("--save-wgrads-", "gradient dumps are not implemented"), ("--save-dgrads-", "gradient dumps are not implemented"),
     ("--replication", "checkpoint replication is not implemented"),
+    ("--tiktoken-", "TikTokenizer is not supported; use --tokenizer-type HuggingFaceTokenizer"),
+    ("--use-nccl-ub", "NCCL tuning flags are not exposed"), ("--use-sharp", "NCCL tuning flags are not exposed"),
+    ("--sharp-", "NCCL tuning flags are not exposed"), ("--nccl-", "NCCL tuning flags are not exposed"),
+    ("--disable-symmetric-registration", "NCCL tuning flags are not exposed"),
+    ("--create-all-gather-group", "NCCL tuning flags are not exposed"),
+    ("--data-parallel-sharding-strategy", "FSDP is not supported; use --use-distributed-optimizer"),
+    ("--outer-dp-sharding-strategy", "FSDP is not supported"), ("--enable-full-sharding-in-hsdp", "FSDP is not supported"),
+    ("--suggested-communication-unit-size", "FSDP is not supported"),
+    ("--no-gradient-reduce-div-fusion", "megatron-core's DDP defaults are used"),
+    ("--use-tp-pp-dp-mapping", "megatron-core's default rank order is used"),
+    ("--no-scatter-gather-tensors-in-pipeline", PP), ("--no-overlap-p2p-communication", PP),
+    ("--overlap-p2p-communication", PP), ("--use-ring-exchange-p2p", PP),
+    ("--microbatch-group-size-per-virtual-pipeline-stage", PP),
+    ("--delay-wgrad-compute", TE), ("--defer-embedding-wgrad-compute", PP), ("--wgrad-deferral-limit", PP),
+    ("--ep-overlap-", "mixture-of-experts is not implemented"),
+    ("--no-async-tensor-model-parallel-allreduce", "megatron-core's TP linears are used as they are"),
+    ("--disable-async-tensor-model-parallel-allreduce", "megatron-core's TP linears are used as they are"),
+    ("--no-clone-scatter-output", "not configurable"), ("--disable-clone-scatter-output", "not configurable"),
+    ("--symmetric-ar-type", "NCCL tuning flags are not exposed"), ("--mlp-chunks-for-prefill", "inference flag"),
+    ("--use-fused-weighted-squared-relu", "the MLP uses GeLU (or --swiglu)"),
+    ("--optimizer-offload-fraction", "CPU optimizer offload is not implemented"),
+    ("--use-torch-optimizer-for-cpu-offload", "CPU optimizer offload is not implemented"),
+    ("--overlap-cpu-optimizer", "CPU optimizer offload is not implemented"),
+    ("--dump-param-to-param-group-map", "not supported"), ("--high-priority-stream-groups", "not supported"),
     ("--no-one-logger", "NVIDIA one-logger is not used"), ("--one-logger-", "NVIDIA one-logger is not used"),
     ("--app-tag-", "NVIDIA one-logger is not used"),
     ("--hierarchical-context-parallel", "context parallelism is not implemented; use TP/DP"),
@@ -198,7 +252,7 @@ GROUP_REASONS: Dict[str, str] = {
     "profiling": "use torch.profiler around pretrain_spiral.py or bench/",
     "autoresume": "use --exit-signal-handler with SLURM --requeue (examples/slurm)",
 }
-FALLBACK = "not supported by pretrain_spiral.py"
+FALLBACK = "not supported by pretrain_spiral.py (drop the flag)"
 
 
 def megatron_lm_flags() -> Iterator[Tuple[str, Tuple[str, ...], bool]]:
@@ -258,8 +312,8 @@ def refused_flags_message(args: argparse.Namespace) -> Optional[str]:
 
 
 def flag_table(parser: argparse.ArgumentParser) -> List[Tuple[str, str, str]]:
-    """(flag, 'honoured' | 'refused', default or reason) for every Megatron-LM flag, in Megatron-LM's
-    group order: the source of docs/megatron_flags.md."""
+    """(Megatron-LM group, flag, 'honoured' | 'refused', our default or the reason) for every
+    Megatron-LM flag, in Megatron-LM's order: the source of docs/megatron_flags.md."""
     rows = []
     for group, aliases, _ in megatron_lm_flags():
         action = parser._option_string_actions.get(aliases[0])
