@@ -329,3 +329,19 @@ def test_eval_iters_zero_skips_evaluation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation loss" not in proc.stdout and "lm loss value" not in proc.stdout
     assert " iteration        2/       2 |" in proc.stdout
+
+
+def test_exit_signal_by_name():
+    """--exit-signal takes Megatron-LM's signal names; the handler records only that signal."""
+    import signal as signal_module
+
+    from megatron_spiral.training.signals import ExitSignalHandler, parse_signal
+
+    assert parse_signal("SIGUSR1") is parse_signal("USR1") is parse_signal(10) is signal_module.SIGUSR1
+    handler = ExitSignalHandler("SIGUSR1")
+    try:
+        os.kill(os.getpid(), signal_module.SIGUSR1)
+        assert handler.received
+    finally:
+        handler.restore()
+    assert signal_module.getsignal(signal_module.SIGUSR1) is signal_module.SIG_DFL
