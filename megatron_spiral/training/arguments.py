@@ -7,6 +7,7 @@ given explicitly override the ``--preset``'s values; others keep the preset's.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -263,7 +264,7 @@ def resolve_split(split: Optional[str], data_path) -> str:
     """Megatron-LM: --data-path without --split warns and uses the legacy '969, 30, 1'."""
     if split is not None:
         return split
-    if data_path:
+    if data_path and os.environ.get("RANK", "0") == "0":  # Megatron-LM's warn_rank_0
         print(f"WARNING: Please specify --split when using --data-path. Using legacy default value of "
               f'"{MEGATRON_DEFAULT_SPLIT}"', file=sys.stderr)
     return MEGATRON_DEFAULT_SPLIT
