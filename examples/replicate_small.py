@@ -171,7 +171,7 @@ def run_settings(run: Run, args) -> dict:
              "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
              "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
              "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-decay-style", "cosine",
-             "--lr-warmup-fraction", "0.05", "--eval-interval", "0", "--eval-iters", str(args.eval_iters),
+             "--lr-warmup-fraction", "0.05", "--adam-beta2", "0.95", "--eval-interval", "0", "--eval-iters", str(args.eval_iters),
              "--log-interval", str(max(args.train_iters // 8, 1)), "--split", args.split,
              "--seed", str(args.seed), "--no-log-loop-diagnostics"]
     for flag, value in run.flags.items():

@@ -2,7 +2,7 @@
 
 ``add_model_arguments`` adds one group generated from :class:`SpiralConfig` plus the Megatron-LM
 flags that are not config fields (``--num-layers``, aliases, accepted no-ops of the fused kernels,
-and flags this model cannot honour, which stop with the reason). ``model_config_from_args`` turns
+and, in ``REJECTED_FLAGS``, the reasons for model flags this model cannot honour). ``model_config_from_args`` turns
 the parsed flags into a SpiralConfig:
 
 * ``--preset NAME``: the preset, with explicit flags overriding it (presets spell out Pythia's
@@ -69,17 +69,6 @@ MEGATRON_DEFAULTS = {f.name: f.metadata["megatron_default"] for f in dataclasses
                      if "megatron_default" in f.metadata}
 
 
-class _Reject(argparse.Action):
-    """Stops parsing with ``--flag: reason``."""
-
-    def __init__(self, option_strings, dest, reason: str = "", **kwargs) -> None:
-        self.reason = reason
-        super().__init__(option_strings, dest=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        parser.error(f"{option_string} is not supported: {self.reason}")
-
-
 def _drop_field_defaults(group: argparse._ArgumentGroup) -> None:
     """The generated help appends the config field's default (what old checkpoints mean); for
     fields whose command-line default is Megatron-LM's, the help text says that instead."""
@@ -112,12 +101,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, skip=("vocab_size",)) -
     for flag in UNFUSED_FLAGS:
         group.add_argument(flag, action="store_true", dest=flag[2:].replace("-", "_"),
                            help="accepted: this fusion is always off here")
-    rejected = parser.add_argument_group(
-        "Megatron-LM model flags that SpiralFormer does not support (each stops with the reason)")
-    for flag, (takes_value, reason) in REJECTED_FLAGS.items():
-        extra = {"nargs": "?", "metavar": "VALUE"} if takes_value else {"nargs": 0}
-        rejected.add_argument(flag, action=_Reject, reason=reason, help=f"not supported: {reason}",
-                              **extra)
+    # REJECTED_FLAGS are refused by training.megatron_flags.add_refused_megatron_flags, which names
+    # every refused flag of a command line in one error.
+
 
 
 def model_config_from_args(args: argparse.Namespace, error: Callable[[str], None],

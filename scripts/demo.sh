@@ -35,6 +35,8 @@ step "3/4 preprocess: jsonl -> Megatron indexed datasets"
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer/tokenizer.json"
 
 step "4/4 pretrain: SpiralFormer 1+2x{1/4,1/2,1}+1, d=192, seq 256, ${iters} iterations"
+# The recipe is spelled out: pretrain_spiral.py takes Megatron-LM's defaults (linear decay to 0,
+# Adam beta2 0.999, eval-iters 100, log-interval 100) for every flag not given.
 rm -rf "$out/checkpoints" "$out/tensorboard"
 launcher=("$py")
 if [ "$nproc" -gt 1 ]; then launcher=("$root/.venv/bin/torchrun" --nproc_per_node="$nproc"); fi
@@ -43,6 +45,7 @@ if [ "$nproc" -gt 1 ]; then launcher=("$root/.venv/bin/torchrun" --nproc_per_nod
   --hidden-size 192 --num-attention-heads 4 --seq-length 256 \
   --micro-batch-size 8 --global-batch-size 16 --train-iters "$iters" \
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 \
+  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.01 --clip-grad 1.0 \
   --eval-interval 50 --eval-iters 4 --log-interval 10 \
   --data-path "$out/data/demo_text_document" --split 98,2,0 \
   --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$out/tokenizer/tokenizer.json" \
@@ -61,5 +64,5 @@ Next:
   generate text              : $py $root/tools/generate.py --load $out/checkpoints --prompt "def main(" --max-new-tokens 40
   export to Hugging Face     : $py $root/tools/convert_checkpoint.py --load $out/checkpoints --save-hf $out/hf
   model report               : $py $root/tools/model_report.py --preset spiral-b-160m-mesh
-  scale up on GPUs           : examples/slurm/ (see README, Training)
+  scale up on GPUs           : examples/slurm/ (see docs/training.md)
 EOF

@@ -19,6 +19,7 @@ import sys
 from megatron_spiral.analysis.accounting import count_params, forward_flops
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model_args import add_model_arguments, describe_architecture, model_config_from_args
+from megatron_spiral.training.megatron_flags import add_refused_megatron_flags, refused_flags_message
 from megatron_spiral.presets import PAPER_TABLE1, PRESETS, get_preset
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-presets", action="store_true",
                         help="print every Table 1 preset next to the paper's numbers")
     add_model_arguments(parser, skip=())
+    add_refused_megatron_flags(parser)  # last: a Megatron-LM flag we cannot honour says why
     return parser
 
 
@@ -87,6 +89,9 @@ def print_all_presets() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    refused = refused_flags_message(args)
+    if refused:
+        parser.error(refused)
     if args.all_presets:
         print_all_presets()
         return 0

@@ -6,7 +6,6 @@ import dataclasses
 
 from megatron.core import parallel_state
 
-from megatron_spiral.data.gpt_data import megatron_num_samples
 from megatron_spiral.data.loader import build_train_valid_test_data_iterators
 from megatron_spiral.tokenizer import build_tokenizer
 
@@ -22,16 +21,29 @@ def build_run_tokenizer(run):
     return build_tokenizer(config)
 
 
+def train_valid_test_num_samples(train, state) -> list:
+    """Megatron-LM's get_train_valid_test_num_samples: train samples (--train-samples or iterations
+    x global batch), validation for every evaluation plus the final one, test for one evaluation.
+    --eval-iters 0 builds no validation or test data."""
+    gbs = state.global_batch_size
+    train_samples = train.train_samples or state.train_iters * gbs
+    if train.eval_iters <= 0:
+        return [train_samples, 0, 0]
+    evaluations = (state.train_iters // train.eval_interval if train.eval_interval else 0) + 1
+    return [train_samples, evaluations * train.eval_iters * gbs, train.eval_iters * gbs]
+
+
 def build_iterators(run, state, tokenizer):
-    """(train, valid) micro-batch iterators for this data-parallel rank, resumed at the state's
-    consumed samples. Valid is None when the split has no validation data."""
+    """(train, valid, test) micro-batch iterators for this data-parallel rank, the training one
+    resumed at the state's consumed samples. Valid/test are None without such a split or with
+    --eval-iters 0."""
     train = run.train
-    num_samples = megatron_num_samples(train.train_iters, train.eval_iters, train.eval_interval,
-                                       state.global_batch_size)
-    train_iter, valid_iter, _ = build_train_valid_test_data_iterators(
-        run.data, tokenizer, num_samples, train.micro_batch_size,
+    train_iter, valid_iter, test_iter = build_train_valid_test_data_iterators(
+        run.data, tokenizer, train_valid_test_num_samples(train, state), train.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         consumed_train_samples=state.consumed_train_samples,
     )
-    return train_iter, valid_iter
+    if train.eval_iters <= 0:
+        valid_iter = test_iter = None
+    return train_iter, valid_iter, test_iter

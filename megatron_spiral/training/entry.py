@@ -3,6 +3,7 @@ pretrain_spiral.py; returns the process exit code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,8 +17,8 @@ from megatron_spiral.model_args import describe_architecture
 from megatron_spiral.parallel import initialize_parallel
 from megatron_spiral.training.arguments import RunConfig
 from megatron_spiral.training.data import build_iterators, build_run_tokenizer
-from megatron_spiral.training.logger import print_rank_0
-from megatron_spiral.training.loop import Trainer
+from megatron_spiral.training.logger import init_wandb, print_rank_0
+from megatron_spiral.training.loop import FINISHED, Trainer
 from megatron_spiral.training.setup import build_training_state
 
 
@@ -40,21 +41,51 @@ def _describe(run: RunConfig, state) -> None:
         f"precision {'bf16' if run.parallel.bf16 else 'fp32'} on {'GPU' if torch.cuda.is_available() else 'CPU'}")
 
 
+def distributed_backend(requested) -> str:
+    """Megatron-LM's default is nccl; a machine without GPUs can only run gloo, and says so."""
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        return "nccl"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(" > no CUDA GPU: using the gloo distributed backend (Megatron-LM's default nccl needs GPUs)",
+              flush=True)
+    return "gloo"
+
+
+def _wandb_run(run: RunConfig):
+    log = run.log
+    save_dir = log.wandb_save_dir or (os.path.join(run.checkpoint.save, "wandb") if run.checkpoint.save else None)
+    config = {"preset": run.preset, "model": dataclasses.asdict(run.model)}
+    for name in ("parallel", "train", "optim", "checkpoint", "log"):
+        config.update(dataclasses.asdict(getattr(run, name)))
+    return init_wandb(log.wandb_project, log.wandb_exp_name, save_dir, config)
+
+
+def _final_evaluation(trainer: Trainer, iteration: int, valid_iterator, test_iterator) -> None:
+    """Megatron-LM's end of pretrain(): the validation set, then the test set, once each."""
+    if valid_iterator is not None:
+        trainer.validate(valid_iterator, f"iteration {iteration} on validation set")
+    if test_iterator is not None:
+        trainer.validate(test_iterator, f"iteration {iteration} on test set")
+
+
 def pretrain(run: RunConfig) -> int:
     initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.seed,
+                        backend=distributed_backend(run.parallel.distributed_backend),
                         timeout_minutes=run.parallel.distributed_timeout_minutes)
     tokenizer = build_run_tokenizer(run)
     if tokenizer is not None:
         run.model = run.model.replace(vocab_size=tokenizer.vocab_size)
     state = build_training_state(run.model, run.parallel, run.train, run.optim)
     _describe(run, state)
-    trainer = Trainer(run, state, tokenizer)
+    trainer = Trainer(run, state, tokenizer, wandb_run=_wandb_run(run))
     trainer.resume()
-    train_iterator, valid_iterator = build_iterators(run, state, tokenizer)
-    trainer.train(train_iterator, valid_iterator)
-    if valid_iterator is not None and run.train.eval_iters > 0 and (
-            not run.train.eval_interval or state.iteration % run.train.eval_interval):
-        trainer.validate(valid_iterator)  # a final validation unless the last step just had one
+    train_iterator, valid_iterator, test_iterator = build_iterators(run, state, tokenizer)
+    reason = trainer.train(train_iterator, valid_iterator)
+    if reason == FINISHED:
+        _final_evaluation(trainer, state.iteration, valid_iterator, test_iterator)
+    trainer.close()
     if run.checkpoint.save and dist.get_rank() == 0:
         summary = {"iteration": state.iteration, "consumed_train_samples": state.consumed_train_samples,
                    "final_train_loss": trainer.losses[-1] if trainer.losses else None,
@@ -65,4 +96,14 @@ def pretrain(run: RunConfig) -> int:
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    report_clean_exit()
     return 0
+
+
+def report_clean_exit() -> None:
+    """Tell examples/slurm/launch_node.sh that this rank finished cleanly (saved on the exit signal
+    included): torchrun exits 1 when SLURM's SIGTERM reaches it too, whatever the ranks did."""
+    status_dir = os.environ.get("SPIRAL_EXIT_STATUS_DIR")
+    if status_dir:
+        with open(os.path.join(status_dir, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write("0\n")

@@ -1,33 +1,65 @@
-"""The pretraining driver: setup -> (resume) -> train with logging, eval, checkpoints, exits."""
+"""The pretraining driver: setup -> (resume) -> train with logging, eval, checkpoints, exits.
+
+Follows Megatron-LM's train(): log every step into the writers, evaluate every --eval-interval,
+save every --save-interval, and stop at --train-iters or at an exit condition (signal, duration,
+--exit-interval), saving first. Only a run that reached --train-iters is evaluated at the end
+(validation and test sets); an early exit ends without (Megatron-LM exits from the loop).
+"""
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Iterator, Optional
 
 from megatron_spiral.analysis.accounting import training_flops_per_sequence
 from megatron_spiral.training.arguments import RunConfig
 from megatron_spiral.training.checkpoint import load_training_checkpoint, save_training_checkpoint
-from megatron_spiral.training.logger import TrainingLogger, loop_diagnostics, print_rank_0
+from megatron_spiral.training.logger import (
+    IterationStats,
+    LogOptions,
+    ScalarWriter,
+    TrainingLogger,
+    loop_diagnostics,
+    params_l2_norm,
+    print_rank_0,
+)
 from megatron_spiral.training.signals import ExitSignalHandler
 from megatron_spiral.training.step import any_rank, evaluate, train_step
+
+FINISHED = "finished"
+
+
+def log_options(run: RunConfig) -> LogOptions:
+    log = run.log
+    return LogOptions(
+        log_interval=run.train.log_interval, tensorboard_log_interval=log.tensorboard_log_interval,
+        log_throughput=log.log_throughput, log_timers_to_tensorboard=log.log_timers_to_tensorboard,
+        log_loss_scale_to_tensorboard=log.log_loss_scale_to_tensorboard,
+        log_validation_ppl_to_tensorboard=log.log_validation_ppl_to_tensorboard,
+        log_world_size_to_tensorboard=log.log_world_size_to_tensorboard)
 
 
 class Trainer:
     """Owns the loop; ``train_iterator`` / ``valid_iterator`` yield micro-batch dicts (tokens,
     labels, loss_mask[, position_ids]) already positioned after the consumed samples."""
 
-    def __init__(self, run: RunConfig, state, tokenizer=None) -> None:
+    def __init__(self, run: RunConfig, state, tokenizer=None, wandb_run=None) -> None:
         self.run = run
         self.state = state
         self.tokenizer = tokenizer
+        if not state.train_iters:
+            state.train_iters = run.train.train_iters
+        writer = ScalarWriter(run.log.tensorboard_dir, run.log.tensorboard_queue_size, wandb_run)
         self.logger = TrainingLogger(
-            run.train.train_iters, training_flops_per_sequence(state.spiral), state.spiral.seq_length,
-            run.log.tensorboard_dir)
-        self.signal_handler = ExitSignalHandler() if run.train.exit_signal_handler else None
+            state.train_iters, training_flops_per_sequence(state.spiral), state.spiral.seq_length,
+            options=log_options(run), writer=writer)
+        self.signal_handler = (ExitSignalHandler(run.train.exit_signal)
+                               if run.train.exit_signal_handler else None)
         self.start_time = time.time()
         self.last_validation_loss: Optional[float] = None
         self.losses = []
+        self._param_gather_overlap = run.parallel.overlap_param_gather
 
     def resume(self) -> None:
         ckpt = self.run.checkpoint
@@ -37,8 +69,15 @@ class Trainer:
         print_rank_0(f" > loaded checkpoint {directory} at iteration {self.state.iteration} "
                      f"({self.state.consumed_train_samples} consumed samples)")
 
+    def _sync_params(self) -> None:
+        """With --overlap-param-gather the last step's all-gather may still be in flight: finish it
+        before weights are read (save, evaluate), as Megatron-LM's force_param_sync."""
+        if self._param_gather_overlap:
+            self.state.model.start_param_sync(force_sync=True)
+
     def save(self) -> None:
         if self.run.checkpoint.save:
+            self._sync_params()
             directory = save_training_checkpoint(self.state, self.run.checkpoint.save, self.tokenizer)
             print_rank_0(f" > saved checkpoint at iteration {self.state.iteration} to {directory}")
 
@@ -54,34 +93,56 @@ class Trainer:
             return f"exit interval {train.exit_interval} reached"
         return None
 
+    def _step(self, train_iterator: Iterator, diagnostics: Optional[dict]):
+        state = self.state
+        if diagnostics is not None:
+            with loop_diagnostics(state.model.module, diagnostics):
+                return train_step(state, train_iterator, self.run.train.nan_policy)
+        return train_step(state, train_iterator, self.run.train.nan_policy)
+
+    def _stats(self, result, write_norms: bool) -> IterationStats:
+        state = self.state
+        params_norm = None
+        if self.run.log.log_params_norm and write_norms:
+            params_norm = params_l2_norm(state.model.module)
+        return IterationStats(
+            loss=result.loss, skipped=not result.applied, nan=not result.finite,
+            learning_rate=state.optimizer.param_groups[0]["lr"],
+            loss_scale=float(state.optimizer.get_loss_scale().item()),
+            grad_norm=result.grad_norm, params_norm=params_norm)
+
     def train(self, train_iterator: Iterator, valid_iterator: Optional[Iterator] = None) -> str:
         """Run until --train-iters or an exit condition; returns why it stopped."""
         state, train = self.state, self.run.train
         saved_at = None
-        reason = "finished"
-        while state.iteration < train.train_iters:
-            log_now = train.log_interval and (state.iteration + 1) % train.log_interval == 0
-            diagnostics = {}
-            if log_now and self.run.log.log_loop_diagnostics:
-                with loop_diagnostics(state.model.module, diagnostics):
-                    result = train_step(state, train_iterator, train.nan_policy)
-            else:
-                result = train_step(state, train_iterator, train.nan_policy)
+        reason = FINISHED
+        if train.manual_gc:
+            gc.disable()  # Megatron-LM: collect at fixed steps so that ranks pause together
+            gc.collect()
+        while state.iteration < state.train_iters:
+            it = state.iteration + 1
+            log_now = bool(train.log_interval) and it % train.log_interval == 0
+            tb_now = it % self.run.log.tensorboard_log_interval == 0
+            diagnostics = {} if log_now and self.run.log.log_loop_diagnostics else None
+            result = self._step(train_iterator, diagnostics)
             state.iteration += 1
             state.consumed_train_samples += state.global_batch_size
             self.losses.append(result.loss)
-            self.logger.record(result.loss, result.finite)
+            self.logger.record(result.loss, result.finite, skipped=not result.applied)
+            stats = self._stats(result, write_norms=log_now or tb_now)
+            self.logger.write_step(state.iteration, state.consumed_train_samples, state.global_batch_size, stats)
             if log_now:
-                self.logger.log(state.iteration, state.consumed_train_samples,
-                                state.optimizer.param_groups[0]["lr"], state.global_batch_size,
-                                result.grad_norm, state.skipped_iterations, state.nan_iterations,
-                                diagnostics)
+                self.logger.log(state.iteration, state.consumed_train_samples, state.global_batch_size,
+                                stats, diagnostics or {})
             if state.skipped_iterations > train.max_skipped_iters and not result.finite:
                 raise RuntimeError(
                     f"iteration {state.iteration}: more than {train.max_skipped_iters} steps skipped "
                     "for NaN/Inf; stopping. Lower --lr or inspect the data.")
-            if valid_iterator is not None and train.eval_interval and state.iteration % train.eval_interval == 0:
-                self.validate(valid_iterator)
+            if train.manual_gc and train.manual_gc_interval and state.iteration % train.manual_gc_interval == 0:
+                gc.collect()
+            if (valid_iterator is not None and train.eval_interval and train.eval_iters > 0
+                    and state.iteration % train.eval_interval == 0):
+                self.validate(valid_iterator, f"iteration {state.iteration}")
             ckpt = self.run.checkpoint
             if ckpt.save and ckpt.save_interval and state.iteration % ckpt.save_interval == 0:
                 self.save()
@@ -93,13 +154,26 @@ class Trainer:
         if saved_at != state.iteration:
             self.save()
         print_rank_0(f" > training stopped at iteration {state.iteration}: {reason}")
-        self.logger.close()
+        if train.manual_gc:
+            gc.enable()
         if self.signal_handler is not None:
             self.signal_handler.restore()
         return reason
 
-    def validate(self, valid_iterator: Iterator) -> float:
-        loss = evaluate(self.state, valid_iterator, self.run.train.eval_iters)
-        self.logger.log_validation(self.state.iteration, loss, self.state.consumed_train_samples)
-        self.last_validation_loss = loss
+    def validate(self, valid_iterator: Iterator, prefix: Optional[str] = None) -> float:
+        """One evaluation of --eval-iters batches, printed as Megatron-LM's validation block."""
+        train = self.run.train
+        self._sync_params()
+        if train.manual_gc and train.manual_gc_eval:
+            gc.collect()
+        loss = evaluate(self.state, valid_iterator, train.eval_iters)
+        if train.manual_gc and train.manual_gc_eval:
+            gc.collect(generation=0)
+        prefix = prefix or f"iteration {self.state.iteration}"
+        self.logger.log_validation(prefix, self.state.iteration, loss, self.state.consumed_train_samples)
+        if "test set" not in prefix:
+            self.last_validation_loss = loss
         return loss
+
+    def close(self) -> None:
+        self.logger.close()

@@ -1,18 +1,29 @@
-"""SIGTERM handling for SLURM preemption and time limits: every rank agrees before anyone exits."""
+"""The exit signal (--exit-signal, SIGTERM by default) for SLURM preemption and time limits: the
+handler only records it; every rank agrees (``any_rank``) before anyone saves and exits 0."""
 
 from __future__ import annotations
 
 import signal
+from typing import Union
+
+
+def parse_signal(name: Union[str, int, signal.Signals]) -> signal.Signals:
+    """'SIGTERM' / 'TERM' / 15 -> signal.SIGTERM (Megatron-LM takes the name)."""
+    if isinstance(name, signal.Signals):
+        return name
+    if isinstance(name, int) or str(name).isdigit():
+        return signal.Signals(int(name))
+    text = str(name).upper()
+    return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
 
 
 class ExitSignalHandler:
-    """Records that a signal arrived; the loop asks all ranks (``any_rank``) before acting on it."""
+    """Records that the exit signal arrived; the loop asks all ranks before acting on it."""
 
-    def __init__(self, signals=(signal.SIGTERM,)) -> None:
+    def __init__(self, sig: Union[str, int, signal.Signals] = signal.SIGTERM) -> None:
+        self.signal = parse_signal(sig)
         self.received = False
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = {self.signal: signal.signal(self.signal, self._handle)}
 
     def _handle(self, signum, frame) -> None:
         self.received = True

@@ -86,6 +86,13 @@ def any_rank(flag: bool) -> bool:
     return not all_ranks_agree(not flag)
 
 
+def uses_dynamic_loss_scale(optimizer) -> bool:
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]  # get_megatron_optimizer may chain
+    return any(isinstance(getattr(o, "grad_scaler", None), DynamicGradScaler) for o in inner)
+
+
 def train_step(state, data_iterator: Iterator, nan_policy: str = "skip") -> StepResult:
     """Forward/backward over ``state.num_microbatches`` micro-batches, then the optimizer step."""
     model, optimizer = state.model, state.optimizer
@@ -102,7 +109,9 @@ def train_step(state, data_iterator: Iterator, nan_policy: str = "skip") -> Step
         forward_only=False,
     )
     loss, tokens = _reduce_reports(reports, _device())
-    finite = math.isfinite(loss) and gradients_finite(model)
+    # Under --fp16 dynamic loss scaling an overflowing gradient is the scaler's signal: the
+    # optimizer skips the step and halves the scale (Megatron-LM turns its NaN check off then).
+    finite = math.isfinite(loss) and (uses_dynamic_loss_scale(optimizer) or gradients_finite(model))
     iteration = state.iteration + 1
     if not finite:
         state.nan_iterations += 1
