@@ -66,6 +66,7 @@ KNOB_SETS = [
     dict(topology="anchor", chunk_offset="half", downscale="self_aggregation", upscale="router"),
     dict(topology="mesh", chunk_offset="zero", downscale="self_aggregation", upscale="router"),
     dict(topology="mesh", chunk_offset="half", downscale="mean", upscale="uniform", shift="parallel"),
+    dict(topology="mesh", untie_core=True),  # each pass its own core weights (issue 12)
 ]
 
 
