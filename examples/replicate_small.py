@@ -102,6 +102,12 @@ def table1_runs(args) -> List[Run]:
                                f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "anchor"),
         "spiral-b-mesh": Run("spiral-b-mesh", "SpiralFormer-B†", f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "mesh"),
         "spiral-l-mesh": Run("spiral-l-mesh", "SpiralFormer-L†", f"{side}+{loop}x{{1/16,1/8,1/4,1/2}}+{side}", "mesh"),
+        # MeSH whose routers start on one slot (h0 ~ v, residual steps): the Anchor-like start
+        "looped-mesh-res": Run("looped-mesh-res", "LoopedFormer† (residual router init)",
+                               f"{pre}+{loop}x{{1,1}}+{post}", "mesh", {"--spiral-mesh-router-init": "residual"}),
+        "spiral-b-mesh-res": Run("spiral-b-mesh-res", "SpiralFormer-B† (residual router init)",
+                                 f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "mesh",
+                                 {"--spiral-mesh-router-init": "residual"}),
     }
     unknown = [m for m in args.models if m not in runs]
     if unknown:
@@ -211,7 +217,8 @@ def train(trial: Trial, args, data: str, tokenizer: str) -> dict:
 def measure_loop_stats(all_trials: List[Trial], results: Dict[str, dict], args, data: str) -> None:
     """tools/loop_stats.py (one process for every looped run) at initialisation with the run's
     seed and on its trained checkpoint; stored as results[name]["loop_stats"]."""
-    chosen = [t for t in all_trials if t.name in results and not t.run.layout.isdigit()]
+    chosen = [t for t in all_trials if t.name in results and not t.run.layout.isdigit()
+              and "loop_stats" not in results[t.name]]  # a reused run keeps its measurement
     if not chosen:
         return
     cmd = [sys.executable, os.path.join(ROOT, "tools", "loop_stats.py"), "--data-prefix", data, "--init-seeds"]
@@ -225,6 +232,8 @@ def measure_loop_stats(all_trials: List[Trial], results: Dict[str, dict], args, 
         return
     for trial, line in zip(chosen, proc.stdout.strip().splitlines()):
         results[trial.name]["loop_stats"] = json.loads(line)
+        with open(os.path.join(args.work_dir, "runs", trial.name, "run_summary.json"), "w") as f:
+            json.dump(results[trial.name], f, indent=1)
 
 
 def read_trajectory(tensorboard_dir: str) -> Dict[str, list]:
@@ -279,7 +288,9 @@ def difference(a: List[float], b: List[float]) -> dict:
     return out
 
 
-TWINS = [("looped-mesh", "looped-anchor"), ("spiral-b-mesh", "spiral-b-anchor")]
+TWINS = [("looped-mesh", "looped-anchor"), ("spiral-b-mesh", "spiral-b-anchor"),
+         ("looped-mesh-res", "looped-anchor"), ("spiral-b-mesh-res", "spiral-b-anchor"),
+         ("looped-mesh-res", "looped-mesh"), ("spiral-b-mesh-res", "spiral-b-mesh")]
 
 
 # ----------------------------------------------------------------------------- report

@@ -30,6 +30,7 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 EMBEDDING_SCALES = ("sqrt_d", "none")
 OUTPUT_INIT_DEPTHS = ("unrolled", "unique")
+MESH_ROUTER_INITS = ("uniform", "residual")
 
 # The authors' training recipe (MeSH paper App. B, the codebase of every Table 1 row) is the default;
 # a config written before these fields existed (old checkpoint metadata, old HF exports) meant this:
@@ -164,6 +165,11 @@ class SpiralConfig:
         "unrolled graph, pre + N_loop*T + post, the authors' recipe, MeSH paper App. B) or "
         "'unique' (distinct layers, megatron's default)",
         choices=OUTPUT_INIT_DEPTHS, flag="--spiral-output-init-depth"))
+    mesh_router_init: str = field(default="uniform", metadata=_help(
+        "initial MeSH router biases: 'uniform' (zero: every read averages the B slots, so "
+        "h^(0) ~ (x + v)/B) or 'residual' (bias 4 on slot 1: reads/writes start on one slot, "
+        "h^(0) ~ v and each step adds u~, an Anchor-like start); init only",
+        choices=MESH_ROUTER_INITS, flag="--spiral-mesh-router-init"))
     untie_core: bool = field(default=False, metadata=_help(
         "give every loop iteration its own core weights (no sharing): '4+8x{1,1}+4' untied is "
         "the non-recursive MeSH baseline of Table 1 (BASELINE†)", flag="--spiral-untie-core"))
@@ -186,6 +192,7 @@ class SpiralConfig:
         _choice("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
         _choice("embedding_scale", self.embedding_scale, EMBEDDING_SCALES)
         _choice("output_init_depth", self.output_init_depth, OUTPUT_INIT_DEPTHS)
+        _choice("mesh_router_init", self.mesh_router_init, MESH_ROUTER_INITS)
         if not isinstance(self.untie_core, bool):
             raise SpiralConfigError(f"untie_core must be true or false, got {self.untie_core!r}")
         for name in ("hidden_size", "num_attention_heads", "vocab_size", "seq_length",

@@ -211,8 +211,11 @@ def test_baseline_dagger_counts_by_hand():
 def test_model_report_lists_22_rows():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_report.py"), "--all-presets"],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
-    rows = [line for line in out.stdout.splitlines()[2:] if line.strip()]
+    table, ours = out.stdout.split("\n\n")
+    rows = table.splitlines()[2:]
     assert len(rows) == 22
+    assert [line.split()[0] for line in ours.splitlines()[1:]] == ["pythia-160m-mesh", "pythia-410m-mesh",
+                                                                   "pythia-1b-mesh"]
     row = next(line for line in rows if line.startswith("pythia-1.4b-mesh "))
     assert "1208.7" in row.split()[3:5]  # ours next to the paper's
 
@@ -269,3 +272,25 @@ def test_seeds_share_data_order_across_rows():
     for trial in all_trials:
         assert flag(trial, "--data-seed") == flag(trial, "--seed") == str(10 + trial.seed_index)
         assert flag(trial, "--spiral-embedding-scale") == ("sqrt_d" if trial.recipe == "authors" else "none")
+
+
+def test_residual_router_init_hands_the_loop_v():
+    """mesh_router_init='residual': bias 4 on slot 1 for every router. With zero router weights
+    every write and read puts w = e^4 / (e^4 + B - 1) on slot 1 and 1 / (e^4 + B - 1) on the
+    others; h0 follows from eq. 24-27 by hand (below), ~w^2 v. Zero bias gives (x + v) / B."""
+    from megatron_spiral.model.topology import MeshTopology
+
+    B, d = 5, 8
+    x, v = torch.randn(3, 1, d), torch.randn(3, 1, d)
+    e4 = math.exp(4.0)
+    w, other = e4 / (e4 + B - 1), 1 / (e4 + B - 1)  # slot-1 weight, weight of each other slot
+    zero = lambda weight: torch.nn.init.zeros_(weight)  # noqa: E731
+    residual = MeshTopology(d, B, 2, init_method=zero, router_init="residual")
+    h0, _ = residual.initial_state(x, v)
+    # read: slot 0 holds x + other * v, slot 1 holds w * v, slots 2.. hold other * v
+    want = other * (x + other * v) + w * (w * v) + (B - 2) * other * (other * v)
+    torch.testing.assert_close(h0, want, rtol=1e-5, atol=1e-6)
+    uniform, _ = MeshTopology(d, B, 2, init_method=zero).initial_state(x, v)
+    torch.testing.assert_close(uniform, (x + v) / B, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 MeSH slots"):
+        MeshTopology(d, 1, 2, router_init="residual")

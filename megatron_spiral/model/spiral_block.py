@@ -113,7 +113,7 @@ class SpiralBlock(MegatronModule):
             self.topology = build_topology(
                 spiral.topology, config.hidden_size, spiral.num_mesh_slots, layout.num_iterations,
                 init_method=config.init_method, sequence_parallel=config.sequence_parallel,
-                params_dtype=config.params_dtype)
+                params_dtype=config.params_dtype, router_init=spiral.mesh_router_init)
         # Optional observer called as hook(t, update) with the shifted update u~ of iteration t
         # (full sequence); used for per-loop diagnostics. None in normal runs.
         self.update_hook = None
