@@ -294,3 +294,30 @@ def test_residual_router_init_hands_the_loop_v():
     torch.testing.assert_close(uniform, (x + v) / B, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 MeSH slots"):
         MeshTopology(d, 1, 2, router_init="residual")
+
+
+def test_resume_refuses_a_different_embedding_scale(tmp_path):
+    """A checkpoint trained without the scale (here: old metadata, which lacks the field and so
+    means 'none') is not silently resumed under today's default 'sqrt_d'; the message says which
+    flag to pass. Passing it resumes."""
+    from megatron_spiral.checkpointing import CONFIG_FILE
+
+    script = os.path.join(ROOT, "pretrain_spiral.py")
+    tiny = ["--preset", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0", "--save", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    first = subprocess.run([sys.executable, script, *tiny, "--train-iters", "1", "--spiral-embedding-scale", "none"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    meta_path = tmp_path / "iter_0000001" / CONFIG_FILE
+    meta = json.loads(meta_path.read_text())
+    for name in ("embedding_scale", "output_init_depth", "untie_core"):
+        del meta["model"][name]  # as written before issue 12
+    meta_path.write_text(json.dumps(meta))
+    resume = [sys.executable, script, *tiny, "--load", str(tmp_path), "--train-iters", "2"]
+    refused = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0
+    assert "embedding_scale='none' but this run builds embedding_scale='sqrt_d'" in refused.stdout + refused.stderr
+    again = subprocess.run(resume + ["--spiral-embedding-scale", "none"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
