@@ -321,3 +321,28 @@ def test_resume_refuses_a_different_embedding_scale(tmp_path):
     again = subprocess.run(resume + ["--spiral-embedding-scale", "none"], capture_output=True, text=True,
                            env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_loop_statistics_by_hand():
+    """Anchor hands the loop v itself (ratio 1, no routers); MeSH with zeroed routers reads the
+    uniform average, so every router entropy is log B and h0 = (x + v) / B (eq. 24-27)."""
+    from megatron_spiral.analysis.loop_stats import loop_statistics, mean_token_norm
+
+    ids = _ids()
+    anchor = loop_statistics(_build(topology="anchor"), ids)
+    assert anchor["h0_over_v"] == pytest.approx(1.0)
+    assert not any(k.startswith(("read_entropy", "write_entropy")) for k in anchor)
+    assert {f"update_norm/{t}" for t in range(3)} <= set(anchor)
+    mesh = _build(topology="mesh")
+    with torch.no_grad():
+        for router in [*mesh.gpt.decoder.topology.write_routers, *mesh.gpt.decoder.topology.read_routers]:
+            router.weight.zero_()
+            router.bias.zero_()
+        gpt = mesh.gpt
+        x = gpt.embedding(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]) * math.sqrt(32)
+        v = gpt.decoder.pre(hidden_states=x, attention_mask=None, rotary_pos_emb=gpt.rotary_pos_emb(ids.shape[1]))
+    stats = loop_statistics(mesh, ids)
+    B = mesh.config.num_mesh_slots
+    for k in range(4):
+        assert stats[f"read_entropy/{k}"] == pytest.approx(math.log(B), abs=1e-5)
+    assert stats["h0_over_v"] == pytest.approx(mean_token_norm((x + v) / B) / mean_token_norm(v), rel=1e-4)
