@@ -346,3 +346,10 @@ def test_loop_statistics_by_hand():
     for k in range(4):
         assert stats[f"read_entropy/{k}"] == pytest.approx(math.log(B), abs=1e-5)
     assert stats["h0_over_v"] == pytest.approx(mean_token_norm((x + v) / B) / mean_token_norm(v), rel=1e-4)
+
+
+def test_loop_stats_cli_rejects_mismatched_seeds():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "loop_stats.py"), "--load", "a", "--load", "b",
+                          "--data-prefix", "d", "--init-seeds", "1"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert out.returncode == 2 and "--init-seeds needs one seed per --load (2), got 1" in out.stderr
