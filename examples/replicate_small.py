@@ -23,9 +23,19 @@ CPU default: d=128, 4 heads, seq 256, 1+2x...+1 allocations, 160 steps of 16 seq
 Scale with flags, e.g. on GPUs: --hidden-size 768 --num-attention-heads 12 --pre 2 --loop 4
 --post 2 --seq-length 2048 --train-iters 5000 --global-batch-size 64 --jobs 1.
 
+Seeds and recipes: ``--seeds N`` trains every row N times (seed k sets both the weights seed and
+the data-order seed to --seed + k, so the rows of one seed see the same data in the same order) and
+reports mean +- standard deviation over the seeds, then which differences exceed two standard
+errors. ``--recipes authors today`` trains each row under both recipes (authors: embeddings x
+sqrt(d) and unrolled-depth init, today's defaults; today: neither, the code before issue 12).
+``--loop-stats`` also measures ||h0||/||v||, per-iteration update norms and MeSH router entropies
+at initialisation and after training (tools/loop_stats.py) and over training (TensorBoard).
+
 Example:
   python examples/replicate_small.py                       # Table 1 rows
   python examples/replicate_small.py --ablations           # + Table 2 rows
+  python examples/replicate_small.py --models looped-anchor looped-mesh --seeds 3 \
+      --recipes authors today --loop-stats                 # the multi-seed MeSH-vs-Anchor study
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -55,6 +65,31 @@ class Run:
     group: str = "table1"
 
 
+# Recipe name -> SpiralConfig fields (docs/recipe.md). "authors" is the MeSH paper's App. B.
+RECIPES = {
+    "authors": {"embedding_scale": "sqrt_d", "output_init_depth": "unrolled"},
+    "today": {"embedding_scale": "none", "output_init_depth": "unique"},
+}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training: a row under one recipe with one seed index."""
+
+    run: Run
+    recipe: str
+    seed_index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.run.name}-{self.recipe}-s{self.seed_index}"
+
+
+def trials(runs: List[Run], recipes: List[str], seeds: int) -> List[Trial]:
+    """Seed-major order, so the first seed of every row finishes before the second starts."""
+    return [Trial(run, recipe, k) for k in range(seeds) for recipe in recipes for run in runs]
+
+
 def table1_runs(args) -> List[Run]:
     pre, loop, post = args.pre, args.loop, args.post
     baseline = pre + 2 * loop + post
@@ -67,6 +102,12 @@ def table1_runs(args) -> List[Run]:
                                f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "anchor"),
         "spiral-b-mesh": Run("spiral-b-mesh", "SpiralFormer-B†", f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "mesh"),
         "spiral-l-mesh": Run("spiral-l-mesh", "SpiralFormer-L†", f"{side}+{loop}x{{1/16,1/8,1/4,1/2}}+{side}", "mesh"),
+        # MeSH whose routers start on one slot (h0 ~ v, residual steps): the Anchor-like start
+        "looped-mesh-res": Run("looped-mesh-res", "LoopedFormer† (residual router init)",
+                               f"{pre}+{loop}x{{1,1}}+{post}", "mesh", {"--spiral-mesh-router-init": "residual"}),
+        "spiral-b-mesh-res": Run("spiral-b-mesh-res", "SpiralFormer-B† (residual router init)",
+                                 f"{pre}+{loop}x{{1/8,1/4,1/2,1}}+{post}", "mesh",
+                                 {"--spiral-mesh-router-init": "residual"}),
     }
     unknown = [m for m in args.models if m not in runs]
     if unknown:
@@ -135,14 +176,15 @@ def prepare_data(args) -> tuple:
 
 
 # ----------------------------------------------------------------------------- training
-def train(run: Run, args, data: str, tokenizer: str) -> dict:
-    save = os.path.join(args.work_dir, "runs", run.name)
+def train(trial: Trial, args, data: str, tokenizer: str) -> dict:
+    run = trial.run
+    save = os.path.join(args.work_dir, "runs", trial.name)
     summary_path = os.path.join(save, "run_summary.json")
-    settings = run_settings(run, args)
+    settings = run_settings(trial, args)
     settings_path = os.path.join(save, "replicate_settings.json")
     if os.path.exists(summary_path) and os.path.exists(settings_path) and not args.retrain:
         if json.load(open(settings_path)) == settings:  # same command as before: reuse
-            say(f"= {run.name}: reusing {summary_path}")
+            say(f"= {trial.name}: reusing {summary_path}")
             return json.load(open(summary_path))
     if os.path.isdir(save):
         import shutil
@@ -159,13 +201,55 @@ def train(run: Run, args, data: str, tokenizer: str) -> dict:
         env.pop(name, None)
     start = time.time()
     _run(cmd, log=os.path.join(save, "train.log"), env=env)
-    say(f"= {run.name}: done in {time.time() - start:.0f} s")
+    summary = json.load(open(summary_path))
+    summary["train_seconds"] = time.time() - start
+    if args.loop_stats and not run.layout.isdigit():  # a plain stack has no loop to measure
+        summary["loop_trajectory"] = read_trajectory(os.path.join(save, "tensorboard"))
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    say(f"= {trial.name}: done in {time.time() - start:.0f} s, validation loss "
+        f"{summary.get('validation_loss')}")
     with open(settings_path, "w") as f:
         json.dump(settings, f, indent=1)
-    return json.load(open(summary_path))
+    return summary
 
 
-def run_settings(run: Run, args) -> dict:
+def measure_loop_stats(all_trials: List[Trial], results: Dict[str, dict], args, data: str) -> None:
+    """tools/loop_stats.py (one process for every looped run) at initialisation with the run's
+    seed and on its trained checkpoint; stored as results[name]["loop_stats"]."""
+    chosen = [t for t in all_trials if t.name in results and not t.run.layout.isdigit()
+              and "loop_stats" not in results[t.name]]  # a reused run keeps its measurement
+    if not chosen:
+        return
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "loop_stats.py"), "--data-prefix", data, "--init-seeds"]
+    cmd += [str(args.seed + t.seed_index) for t in chosen]
+    for trial in chosen:
+        cmd += ["--load", os.path.join(args.work_dir, "runs", trial.name)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        say(f"! loop_stats.py failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        return
+    for trial, line in zip(chosen, proc.stdout.strip().splitlines()):
+        results[trial.name]["loop_stats"] = json.loads(line)
+        with open(os.path.join(args.work_dir, "runs", trial.name, "run_summary.json"), "w") as f:
+            json.dump(results[trial.name], f, indent=1)
+
+
+def read_trajectory(tensorboard_dir: str) -> Dict[str, list]:
+    """The per-loop diagnostics the trainer logged (loop/* tags): tag -> [[step, value], ...]."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return {}
+    events = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [[e.step, e.value] for e in events.Scalars(tag)]
+            for tag in events.Tags().get("scalars", []) if tag.startswith("loop/")}
+
+
+def run_settings(trial: Trial, args) -> dict:
+    run, seed = trial.run, args.seed + trial.seed_index
     flags = ["--preset", "tiny", "--spiral-layout", run.layout, "--spiral-topology", run.topology,
              "--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.num_attention_heads),
              "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
@@ -173,10 +257,40 @@ def run_settings(run: Run, args) -> dict:
              "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-decay-style", "cosine",
              "--lr-warmup-fraction", "0.05", "--adam-beta2", "0.95", "--eval-interval", "0", "--eval-iters", str(args.eval_iters),
              "--log-interval", str(max(args.train_iters // 8, 1)), "--split", args.split,
-             "--seed", str(args.seed), "--no-log-loop-diagnostics"]
+             "--seed", str(seed), "--data-seed", str(seed)]
+    flags += ["--log-loop-diagnostics", "--tensorboard-dir", os.path.join(
+        args.work_dir, "runs", trial.name, "tensorboard")] if args.loop_stats else ["--no-log-loop-diagnostics"]
+    for field_name, value in RECIPES[trial.recipe].items():
+        flags += ["--spiral-" + field_name.replace("_", "-"), value]
     for flag, value in run.flags.items():
         flags += [flag, value]
-    return {"flags": flags}
+    return {"flags": flags, "seed": seed}
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values: List[float]) -> tuple:
+    """(mean, sample standard deviation with n - 1; 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def difference(a: List[float], b: List[float]) -> dict:
+    """mean(a) - mean(b) with its standard error, unpaired (sqrt(s_a^2/n_a + s_b^2/n_b)) and,
+    when both lists hold the same seeds in the same order, paired (sd of a_k - b_k over sqrt n)."""
+    (mean_a, sd_a), (mean_b, sd_b) = mean_std(a), mean_std(b)
+    out = {"diff": mean_a - mean_b, "se": math.sqrt(sd_a ** 2 / len(a) + sd_b ** 2 / len(b)), "n": (len(a), len(b))}
+    if len(a) == len(b) and len(a) > 1:
+        out["paired_se"] = mean_std([x - y for x, y in zip(a, b)])[1] / math.sqrt(len(a))
+    out["significant"] = out["se"] > 0 and abs(out["diff"]) > 2 * out["se"]
+    return out
+
+
+TWINS = [("looped-mesh", "looped-anchor"), ("spiral-b-mesh", "spiral-b-anchor"),
+         ("looped-mesh-res", "looped-anchor"), ("spiral-b-mesh-res", "spiral-b-anchor"),
+         ("looped-mesh-res", "looped-mesh"), ("spiral-b-mesh-res", "spiral-b-mesh")]
 
 
 # ----------------------------------------------------------------------------- report
@@ -195,30 +309,109 @@ def tokenizer_vocab(tokenizer: str) -> int:
     return Tokenizer.from_file(tokenizer).get_vocab_size()
 
 
-def report(runs: List[Run], results: Dict[str, dict], args, vocab_size: int) -> str:
+def losses_by_row(all_trials: List[Trial], results: Dict[str, dict]) -> Dict[tuple, List[float]]:
+    """(row name, recipe) -> validation losses in seed order (missing runs left out)."""
+    out: Dict[tuple, List[float]] = {}
+    for trial in sorted(all_trials, key=lambda t: t.seed_index):
+        loss = results.get(trial.name, {}).get("validation_loss")
+        if loss is not None:
+            out.setdefault((trial.run.name, trial.recipe), []).append(loss)
+    return out
+
+
+def report(runs: List[Run], all_trials: List[Trial], results: Dict[str, dict], args, vocab_size: int) -> str:
     from megatron_spiral.analysis.accounting import count_params, forward_flops, training_flops_per_sequence
 
     sequences = args.train_iters * args.global_batch_size
+    losses = losses_by_row(all_trials, results)
     lines = [
         f"{sequences * args.seq_length / 1e6:.2f}M training tokens per model ({args.train_iters} steps x "
         f"{args.global_batch_size} x {args.seq_length}), d={args.hidden_size}, heads={args.num_attention_heads}, "
         f"vocab={vocab_size}; validation: {args.eval_iters} x {args.micro_batch_size} held-out sequences "
-        f"(--split {args.split}). * Anchor, † MeSH.",
+        f"(--split {args.split}); seeds {args.seed}..{args.seed + args.seeds - 1} (weights and data order). "
+        "* Anchor, † MeSH. Loss: mean ± sample std over n seeds.",
         "",
-        "| model | config | params total / non-emb (M) | prefill GFLOPs / seq | training PFLOPs | "
-        "val loss | val PPL |",
-        "|---|---|---|---|---|---|---|",
+        "| model | config | recipe | params total / non-emb (M) | prefill GFLOPs / seq | training PFLOPs | "
+        "val loss | n | val PPL (of mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
-        config = model_config(run, args, vocab_size)
-        params = count_params(config)
-        prefill = forward_flops(config, args.seq_length).total
-        training = training_flops_per_sequence(config, args.seq_length) * sequences
-        loss = results.get(run.name, {}).get("validation_loss")
-        shown = f"{loss:.4f} | {math.exp(loss):.2f}" if loss is not None else "- | -"
-        lines.append(f"| {run.label} | {run.layout.replace('x', '×')} | {params.total / 1e6:.3f} / "
-                     f"{params.non_embedding / 1e6:.3f} | {prefill / 1e9:.3f} | {training / 1e15:.4f} | "
-                     f"{shown} |")
+    for recipe in args.recipes:
+        for run in runs:
+            config = model_config(run, args, vocab_size)
+            params = count_params(config)
+            prefill = forward_flops(config, args.seq_length).total
+            training = training_flops_per_sequence(config, args.seq_length) * sequences
+            values = losses.get((run.name, recipe), [])
+            if values:
+                mean, sd = mean_std(values)
+                shown = f"{mean:.4f} ± {sd:.4f} | {len(values)} | {math.exp(mean):.2f}"
+            else:
+                shown = "- | 0 | -"
+            lines.append(f"| {run.label} | {run.layout.replace('x', '×')} | {recipe} | {params.total / 1e6:.3f} / "
+                         f"{params.non_embedding / 1e6:.3f} | {prefill / 1e9:.3f} | {training / 1e15:.4f} | "
+                         f"{shown} |")
+    pairs = [((a, r), (b, r)) for r in args.recipes for a, b in TWINS]
+    pairs += [((run.name, r1), (run.name, r2)) for run in runs
+              for i, r1 in enumerate(args.recipes) for r2 in args.recipes[i + 1:]]
+    rows = []
+    for first, second in pairs:
+        if len(losses.get(first, [])) < 2 or len(losses.get(second, [])) < 2:
+            continue
+        d = difference(losses[first], losses[second])
+        paired = f"{d['paired_se']:.4f}" if "paired_se" in d else "-"
+        rows.append(f"| {first[0]} ({first[1]}) − {second[0]} ({second[1]}) | {d['diff']:+.4f} | "
+                    f"{d['se']:.4f} | {paired} | {'yes' if d['significant'] else 'no'} |")
+    if rows:
+        lines += ["", "Differences of mean validation loss (negative: the first is better). SE: standard "
+                  "error of the difference, unpaired; paired SE uses the per-seed differences.", "",
+                  "| comparison | Δ loss | SE | paired SE | \|Δ\| > 2 SE |", "|---|---|---|---|---|"] + rows
+    stats = loop_stats_table(runs, all_trials, results, args)
+    if stats:
+        lines += ["", stats]
+    return "\n".join(lines)
+
+
+def loop_stats_table(runs: List[Run], all_trials: List[Trial], results: Dict[str, dict], args) -> str:
+    """Mean ± std over seeds of the loop statistics (init -> final), for the looped rows."""
+    gathered: Dict[tuple, Dict[str, List[float]]] = {}
+    for trial in all_trials:
+        stats = results.get(trial.name, {}).get("loop_stats")
+        if not stats:
+            continue
+        row = gathered.setdefault((trial.run.name, trial.recipe), {})
+        for when in ("init", "final"):
+            values = stats[when]
+            reads = [v for k, v in values.items() if k.startswith("read_entropy/")]
+            updates = [v for k, v in values.items() if k.startswith("update_norm/")]
+            row.setdefault(f"h0_over_v/{when}", []).append(values["h0_over_v"])
+            if reads:
+                row.setdefault(f"read_entropy/{when}", []).append(sum(reads) / len(reads))
+            if updates:
+                row.setdefault(f"update_first/{when}", []).append(updates[0])
+                row.setdefault(f"update_last/{when}", []).append(updates[-1])
+    if not gathered:
+        return ""
+
+    def cell(row, key):
+        values = row.get(key)
+        if not values:
+            return "-"
+        mean, sd = mean_std(values)
+        return f"{mean:.3f} ± {sd:.3f}"
+
+    lines = ["Loop statistics on 8 held-out sequences, init → final (mean ± std over seeds): ||h0||/||v||, "
+             "mean MeSH read-router entropy (nats; uniform = log B), mean token norm of the first and last "
+             "iteration's update u~.", "",
+             "| model | recipe | ‖h0‖/‖v‖ init | final | read entropy init | final | ‖u~_0‖ init | final | "
+             "‖u~_T-1‖ init | final |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for recipe in args.recipes:
+        for run in runs:
+            row = gathered.get((run.name, recipe))
+            if row is None:
+                continue
+            cells = [cell(row, f"{k}/{w}") for k in ("h0_over_v", "read_entropy", "update_first", "update_last")
+                     for w in ("init", "final")]
+            lines.append(f"| {run.name} | {recipe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,13 +440,24 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak LR, cosine to 10%% (default: %(default)s)")
     parser.add_argument("--eval-iters", type=int, default=16, help="validation micro-batches (default: %(default)s)")
     parser.add_argument("--split", default="98,2,0", help="train,valid,test documents (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1234, help="weights seed, same for every model (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="first seed (weights and data order), same for every model (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every row with seeds --seed, --seed+1, ...; report mean ± std (default: %(default)s)")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["authors"],
+                        help="training recipes to run each row under: 'authors' (embeddings x sqrt(d), "
+                             "unrolled-depth init; the default) and/or 'today' (neither) (default: authors)")
+    parser.add_argument("--loop-stats", action="store_true",
+                        help="measure ||h0||/||v||, update norms and MeSH router entropies (init, final, "
+                             "and over training via TensorBoard)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once (default: %(default)s)")
     parser.add_argument("--threads-per-job", type=int, default=1, help="OMP threads per training (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="retrain even when a finished run matches")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     args.work_dir = os.path.abspath(args.work_dir)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
 
     start = time.time()
     runs = table1_runs(args) + (ablation_runs(args) if args.ablations else [])
@@ -261,10 +465,23 @@ def main(argv=None) -> int:
     vocab_size = tokenizer_vocab(tokenizer)
     for run in runs:  # fail on a bad configuration before training anything
         model_config(run, args, vocab_size)
+    all_trials = trials(runs, args.recipes, args.seeds)
+    results, failed = {}, []
     with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        futures = {run.name: pool.submit(train, run, args, data, tokenizer) for run in runs}
-        results = {name: future.result() for name, future in futures.items()}
-    table = report(runs, results, args, vocab_size)
+        futures = {pool.submit(train, trial, args, data, tokenizer): trial.name for trial in all_trials}
+        for future in as_completed(futures):
+            try:
+                results[futures[future]] = future.result()
+            except (Exception, SystemExit) as err:  # one failed training must not lose the others
+                failed.append(futures[future])
+                say(f"! {futures[future]} failed: {err}")
+            if args.markdown:  # the table so far: a study cut short still reports what ran
+                with open(args.markdown, "w") as f:
+                    f.write(report(runs, all_trials, results, args, vocab_size) + "\n")
+    if args.loop_stats:
+        say("measuring loop statistics (init and final) of the looped runs")
+        measure_loop_stats(all_trials, results, args, data)
+    table = report(runs, all_trials, results, args, vocab_size)
     print()
     print(table)
     print(f"\ntotal wall time {time.time() - start:.0f} s; checkpoints in {args.work_dir}/runs "
@@ -272,6 +489,9 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
+    if failed:
+        print(f"{len(failed)} training(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

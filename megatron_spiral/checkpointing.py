@@ -100,7 +100,7 @@ def read_metadata(ckpt_dir: str) -> dict:
 def load_spiral_config(ckpt_dir: str):
     from megatron_spiral.config import SpiralConfig
 
-    return SpiralConfig(**read_metadata(ckpt_dir)["model"])
+    return SpiralConfig.from_dict(read_metadata(ckpt_dir)["model"])  # old metadata: old recipe
 
 
 def check_complete(ckpt_dir: str) -> None:

@@ -15,6 +15,7 @@ that must be >= g_t - 1 for every t, Proposition 1).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,6 +38,13 @@ _REJECTED_POSITION_EMBEDDINGS = {
     "relative": "T5-style relative buckets are not implemented for the looped core",
     "yarn": "YaRN context extension is not implemented",
 }
+EMBEDDING_SCALES = ("sqrt_d", "none")
+OUTPUT_INIT_DEPTHS = ("unrolled", "unique")
+MESH_ROUTER_INITS = ("uniform", "residual")
+
+# The authors' training recipe (MeSH paper App. B, the codebase of every Table 1 row) is the default;
+# a config written before these fields existed (old checkpoint metadata, old HF exports) meant this:
+LEGACY_RECIPE = {"embedding_scale": "none", "output_init_depth": "unique", "untie_core": False}
 
 
 class SpiralConfigError(ValueError):
@@ -160,6 +168,23 @@ class SpiralConfig:
         "fraction of each head's dimensions that RoPE rotates (Pythia used 0.25)"))
     rotary_base: int = field(default=10000, metadata=_help("RoPE base period"))
     init_method_std: float = field(default=0.02, metadata=_help("std of weight initialisation"))
+    embedding_scale: str = field(default="sqrt_d", metadata=_help(
+        "scale the token embeddings before the first layer: 'sqrt_d' (x sqrt(d_model), the "
+        "authors' recipe, MeSH paper App. B) or 'none' (plain Pythia/GPT-NeoX)",
+        choices=EMBEDDING_SCALES, flag="--spiral-embedding-scale"))
+    output_init_depth: str = field(default="unrolled", metadata=_help(
+        "depth N in the output-projection init std init_std/sqrt(2N): 'unrolled' (layers of the "
+        "unrolled graph, pre + N_loop*T + post, the authors' recipe, MeSH paper App. B) or "
+        "'unique' (distinct layers, megatron's default)",
+        choices=OUTPUT_INIT_DEPTHS, flag="--spiral-output-init-depth"))
+    mesh_router_init: str = field(default="uniform", metadata=_help(
+        "initial MeSH router biases: 'uniform' (zero: every read averages the B slots, so "
+        "h^(0) ~ (x + v)/B) or 'residual' (bias 4 on slot 1: reads/writes start on one slot, "
+        "h^(0) ~ v and each step adds u~, an Anchor-like start); init only",
+        choices=MESH_ROUTER_INITS, flag="--spiral-mesh-router-init"))
+    untie_core: bool = field(default=False, metadata=_help(
+        "give every loop iteration its own core weights (no sharing): '4+8x{1,1}+4' untied is "
+        "the non-recursive MeSH baseline of Table 1 (BASELINE†)", flag="--spiral-untie-core"))
     transformer_impl: str = field(default="auto", metadata=_help(
         "layer implementation: 'transformer_engine' when it imports ('auto'), else 'local' "
         "(megatron parallel linears + torch SDPA)", choices=TRANSFORMER_IMPLS))
@@ -210,6 +235,11 @@ class SpiralConfig:
         _choice("chunk_offset", self.chunk_offset, CHUNK_OFFSETS)
         _choice("normalization", self.normalization, NORMALIZATIONS)
         _choice("transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        _choice("embedding_scale", self.embedding_scale, EMBEDDING_SCALES)
+        _choice("output_init_depth", self.output_init_depth, OUTPUT_INIT_DEPTHS)
+        _choice("mesh_router_init", self.mesh_router_init, MESH_ROUTER_INITS)
+        if not isinstance(self.untie_core, bool):
+            raise SpiralConfigError(f"untie_core must be true or false, got {self.untie_core!r}")
         for name in ("hidden_size", "num_attention_heads", "vocab_size", "seq_length",
                      "make_vocab_size_divisible_by"):
             if int(getattr(self, name)) < 1:
@@ -284,6 +314,37 @@ class SpiralConfig:
         return [value] * len(sizes)
 
     @property
+    def num_compute_layers(self) -> int:
+        """N_compute: layers of the unrolled graph, N_pre + N_loop * T + N_post (4 + 8*4 + 4 = 40
+        for '4+8x{1/8,1/4,1/2,1}+4'); a non-looped stack counts its layers."""
+        layout = self.parsed_layout
+        return layout.num_pre + layout.num_loop * layout.num_iterations + layout.num_post
+
+    @property
+    def num_core_copies(self) -> int:
+        """Distinct core weight sets: T when every iteration has its own (untie_core), else 1."""
+        return self.num_iterations if self.untie_core and self.parsed_layout.is_looped else 1
+
+    @property
+    def num_weight_layers(self) -> int:
+        """Layers that own parameters: N_pre + N_loop * (T untied, else 1) + N_post."""
+        layout = self.parsed_layout
+        return layout.num_pre + layout.num_loop * self.num_core_copies + layout.num_post
+
+    @property
+    def init_depth(self) -> int:
+        """N in the output-projection init std init_std / sqrt(2 N) (output_init_depth): the
+        unrolled count N_compute, or the layers owning weights (megatron's num_layers)."""
+        if self.output_init_depth == "unrolled":
+            return self.num_compute_layers
+        return self.num_weight_layers
+
+    @property
+    def embedding_multiplier(self) -> float:
+        """Factor applied to the token embeddings before the first layer (embedding_scale)."""
+        return math.sqrt(self.hidden_size) if self.embedding_scale == "sqrt_d" else 1.0
+
+    @property
     def num_mesh_slots(self) -> int:
         """B = T + 3 by default (Yu et al. 2025)."""
         return self.mesh_slots if self.mesh_slots is not None else self.num_iterations + 3
@@ -340,6 +401,13 @@ class SpiralConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SpiralConfig":
+        """Rebuild a saved config. Recipe fields it lacks (written before they existed) take
+        their old meaning (LEGACY_RECIPE: no embedding scale, unique-depth init, shared core),
+        so an old checkpoint keeps computing what it was trained to compute."""
+        return cls(**{**LEGACY_RECIPE, **values})
 
 
 def _check_position_embedding(kind: str) -> None:

@@ -1,5 +1,9 @@
 """Named configurations: every row of the paper's Table 1 (App. F dims), plus ``tiny``.
 
+``pythia-1.4b-mesh`` is Table 1's BASELINE† (24 layers as 4+8x{1,1}+4 with untied core passes and
+MeSH write/read between the blocks); ``pythia-{160m,410m,1b}-mesh`` are the same construction
+at the other sizes (ours: Table 1 has no such rows).
+
 Dims are Pythia's: 160M d=768 h=12; 410M d=1024 h=16; 1B d=2048 h=8; 1.4B d=2048 h=16.
 Vocabulary: GPT-NeoX's 50277 tokens, padded by Megatron's rule to 50304. Sequence length 4096.
 """
@@ -41,11 +45,29 @@ PAPER_TABLE1 = {
     "spiral-b-1b-mesh": (768.6, 554.1, 8.95),
     "spiral-l-1b-mesh": (1020.4, 805.9, 8.96),
     "pythia-1.4b": (1423.0, 1208.6, 14.08),
+    "pythia-1.4b-mesh": (1423.1, 1208.7, 14.08),   # BASELINE†: 4+8+8+4 unshared, 2-step MeSH
     "looped-1.4b-anchor": (1020.2, 805.7, 14.08),
     "looped-1.4b-mesh": (1020.2, 805.8, 14.08),
     "spiral-b-1.4b-mesh": (1020.4, 805.9, 12.92),
     "spiral-l-1.4b-mesh": (1423.2, 1208.8, 13.13),
 }
+
+
+# Peak learning rate per size (Pythia's; the MeSH paper: "6e-4 at 160M down to 2e-4 at 1.4B").
+PAPER_PEAK_LR = {"160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4}
+
+
+def preset_size(name: str):
+    """The Pythia size of a preset name ('spiral-b-410m-mesh' -> '410m'), None for 'tiny'."""
+    return next((size for size in _SIZES if f"-{size}" in name), None)
+
+
+def peak_lr(name: str) -> float:
+    """The paper's peak LR for a preset (PAPER_PEAK_LR of its size)."""
+    size = preset_size(name)
+    if size is None:
+        raise SpiralConfigError(f"preset {name!r} has no paper size; pass --lr explicitly")
+    return PAPER_PEAK_LR[size]
 
 
 def _layout(alloc, schedule: str) -> str:
@@ -67,6 +89,10 @@ def _build_presets() -> Dict[str, dict]:
         common = dict(hidden_size=hidden, num_attention_heads=heads,
                       vocab_size=GPT_NEOX_VOCAB_SIZE, seq_length=4096, **PYTHIA_ARCHITECTURE)
         presets[f"pythia-{size}"] = dict(layout=str(layers), **common)
+        # Non-recursive MeSH baseline: Pythia's layers as pre + loop + loop + post, the two
+        # "core" passes with their own weights. Table 1 has it at 1.4B only; the others are ours.
+        presets[f"pythia-{size}-mesh"] = dict(layout=_layout(alloc_b, "{1,1}"), topology="mesh",
+                                              untie_core=True, **common)
         for topology in ("anchor", "mesh"):
             presets[f"looped-{size}-{topology}"] = dict(
                 layout=_layout(alloc_b, "{1,1}"), topology=topology, **common)

@@ -33,6 +33,8 @@ PARITY_KNOBS = KNOB_SETS + [
     dict(layout="3", topology="anchor"),                       # non-looped baseline
     dict(layout="1+1x{1,1}+1", topology="mesh"),               # LoopedFormer
     dict(normalization="RMSNorm", rotary_percent=0.25, vocab_size=200, mesh_slots=4),
+    dict(topology="anchor", untie_core=True, embedding_scale="none"),  # unshared passes (issue 12)
+    dict(topology="mesh", untie_core=True, output_init_depth="unique"),
 ]
 
 

@@ -43,7 +43,9 @@ def _hidden(model, ids):
 
 def test_loopedformer_anchor_is_algorithm1_by_hand():
     """{1,1} + anchor: h1 = f_loop(h0) + h0, h2 = f_loop(h1) + h0 (eq. 5, g_t = 1, s_t = 0)."""
-    model = build_model("tiny", layout="1+2x{1,1}+1", topology="anchor", init_method_std=0.2).eval()
+    # embedding_scale="none": the block is fed x directly here (the scale is tested in test_recipe.py)
+    model = build_model("tiny", layout="1+2x{1,1}+1", topology="anchor", init_method_std=0.2,
+                        embedding_scale="none").eval()
     block = model.gpt.decoder
     ids = torch.randint(0, 256, (2, 19))
     with torch.no_grad():
@@ -60,7 +62,8 @@ def test_spiral_iteration_by_hand_mean_uniform_zero_offset():
     """One coarse iteration written out for g=2, omega=0, s=1: z_j = (h_2j + h_2j+1)/2, core at
     RoPE positions 0..L_t-1, u_i = sqrt(2)/2 zhat_{i//2}, u~_i = u_{i-1}, anchor update."""
     model = build_model("tiny", layout="0+1x{1/2}+0", topology="anchor", downscale="mean",
-                        upscale="uniform", chunk_offset="zero", init_method_std=0.2).eval()
+                        upscale="uniform", chunk_offset="zero", init_method_std=0.2,
+                        embedding_scale="none").eval()
     block = model.gpt.decoder
     ids = torch.randint(0, 256, (1, 11))
     with torch.no_grad():

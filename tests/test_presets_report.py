@@ -16,7 +16,8 @@ REQUIRED = ([f"pythia-{s}" for s in ("160m", "410m", "1b", "1.4b")]
             + [f"looped-{s}-{t}" for s in ("160m", "410m", "1b", "1.4b") for t in ("anchor", "mesh")]
             + [f"spiral-b-{s}-mesh" for s in ("160m", "410m", "1b", "1.4b")]
             + ["spiral-b-410m-anchor"]
-            + [f"spiral-l-{s}-mesh" for s in ("160m", "410m", "1b", "1.4b")] + ["tiny"])
+            + [f"spiral-l-{s}-mesh" for s in ("160m", "410m", "1b", "1.4b")] + ["tiny"]
+            + [f"pythia-{s}-mesh" for s in ("160m", "410m", "1b", "1.4b")])  # BASELINE† (1.4b) + ours
 
 
 def test_every_required_preset_exists():

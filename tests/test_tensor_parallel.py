@@ -77,6 +77,7 @@ KNOB_SETS = [
     # per rank), kv_channels != d/heads, bias-free linears with a QKV bias, SwiGLU (strided fc1).
     dict(topology="mesh", untie_embeddings_and_output_weights=False, group_query_attention=True,
          num_query_groups=2, kv_channels=12, disable_bias_linear=True, add_qkv_bias=True, swiglu=True),
+    dict(topology="mesh", untie_core=True),  # each pass its own core weights (issue 12)
 ]
 
 

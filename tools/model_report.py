@@ -45,6 +45,7 @@ def report(config: SpiralConfig) -> dict:
         "layout": config.layout,
         "topology": config.topology if config.parsed_layout.is_looped else None,
         "tied_embeddings": config.tied_embeddings,
+        "untie_core": config.untie_core,
         "seq_length": config.seq_length,
         "params_total": params.total,
         "params_non_embedding": params.non_embedding,
@@ -62,7 +63,8 @@ def print_human(name: str, config: SpiralConfig, info: dict) -> None:
     print(f"model        : {name}")
     print(f"architecture : {describe_architecture(config)}")
     print(f"layout       : {config.layout}   topology={info['topology']}  d={config.hidden_size} "
-          f"heads={config.num_attention_heads}  vocab={config.vocab_size}->{config.padded_vocab_size}")
+          f"heads={config.num_attention_heads}  vocab={config.vocab_size}->{config.padded_vocab_size}"
+          + ("  (untied: each iteration its own core weights)" if config.untie_core else ""))
     if config.parsed_layout.is_looped:
         print(f"schedule     : g_t={info['chunk_sizes']} omega_t={info['chunk_offsets']} "
               f"s_t={info['shifts']}  L_t={info['iteration_lengths']} (L={config.seq_length})")
@@ -84,6 +86,13 @@ def print_all_presets() -> None:
         print(f"{name:24s} {info['params_total'] / 1e6:9.1f} {p_total:8.1f} "
               f"{info['params_non_embedding'] / 1e6:10.1f} {p_non_emb:8.1f} "
               f"{info['prefill_flops'] / 1e12:8.3f} {p_flops:7.2f}")
+    ours = [name for name in PRESETS if name not in PAPER_TABLE1 and name != "tiny"]
+    if ours:
+        print(f"\npresets with no Table 1 row (ours: the BASELINE\u2020 construction at other sizes)")
+        for name in ours:
+            info = report(get_preset(name))
+            print(f"{name:24s} {info['params_total'] / 1e6:9.1f} {'-':>8s} "
+                  f"{info['params_non_embedding'] / 1e6:10.1f} {'-':>8s} {info['prefill_flops'] / 1e12:8.3f} {'-':>7s}")
 
 
 def main(argv=None) -> int:

@@ -74,10 +74,9 @@ class ParamCount:
 
 def count_params(config: SpiralConfig) -> ParamCount:
     """Parameters of the built model (equal to ``sum(p.numel())`` of SpiralGPTModel at TP=1)."""
-    layout = config.parsed_layout
     d, vocab = config.hidden_size, config.padded_vocab_size
     parts = {
-        "layers": layout.num_unique_layers * layer_params(config),
+        "layers": config.num_weight_layers * layer_params(config),  # untied passes own theirs
         "final_norm": norm_params(config),
         "resampling": resampler_params(config),
         "topology": topology_params(config),

@@ -6,6 +6,13 @@ This file is copied verbatim into every exported model directory next to ``model
 an export converts back without loss; HF-conventional aliases (``intermediate_size``,
 ``layer_norm_eps``, ``max_position_embeddings``) are what ``transformers`` tooling reads.
 
+Recipe fields (MeSH paper App. B): ``embedding_scale`` ('sqrt_d' multiplies the token embeddings by
+sqrt(hidden_size) before the first layer), ``output_init_depth`` (N of the output-projection init std
+initializer_range / sqrt(2 N): 'unrolled' = N_pre + N_loop T + N_post, 'unique' = layers owning
+weights) and ``untie_core`` (each loop iteration has its own core weights). Their defaults here are
+the *old* behaviour ('none', 'unique', False) because a config.json written before they existed
+means exactly that; exports always write all three explicitly.
+
 Derived per-iteration quantities (recomputed from ``layout``/``shift``/``chunk_offset``, never
 trusted from JSON):
 
@@ -16,6 +23,7 @@ trusted from JSON):
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from typing import List, Optional, Tuple
@@ -24,7 +32,8 @@ from transformers import PretrainedConfig
 
 _LOOPED_RE = re.compile(r"^(\d+)\+(\d+)[x×*]\{([^{}]*)\}\+(\d+)$")
 _DERIVED = ("num_pre_layers", "num_loop_layers", "num_post_layers", "chunk_sizes", "chunk_offsets",
-            "shifts", "num_mesh_slots", "num_hidden_layers", "num_iterations")
+            "shifts", "num_mesh_slots", "num_hidden_layers", "num_iterations", "num_compute_layers",
+            "num_core_copies", "init_depth")
 
 
 def parse_layout(text: str) -> Tuple[int, int, Tuple[Fraction, ...], int]:
@@ -72,6 +81,9 @@ class SpiralFormerConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         make_vocab_size_divisible_by: int = 128,
         decode_coarse_schedule: str = "inline",
+        embedding_scale: str = "none",
+        output_init_depth: str = "unique",
+        untie_core: bool = False,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
         seq_length: Optional[int] = None,
@@ -120,6 +132,9 @@ class SpiralFormerConfig(PretrainedConfig):
         self.initializer_range = float(initializer_range)
         self.make_vocab_size_divisible_by = int(make_vocab_size_divisible_by)
         self.decode_coarse_schedule = decode_coarse_schedule
+        self.embedding_scale = embedding_scale
+        self.output_init_depth = output_init_depth
+        self.untie_core = bool(untie_core)
         self.use_cache = use_cache
         self._derive()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -132,7 +147,9 @@ class SpiralFormerConfig(PretrainedConfig):
                   ("chunk_offset", self.chunk_offset, ("half", "zero")),
                   ("normalization", self.normalization, ("LayerNorm", "RMSNorm")),
                   ("decode_coarse_schedule", self.decode_coarse_schedule,
-                   ("inline", "deferred", "background"))]
+                   ("inline", "deferred", "background")),
+                  ("embedding_scale", self.embedding_scale, ("sqrt_d", "none")),
+                  ("output_init_depth", self.output_init_depth, ("unrolled", "unique"))]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}")
@@ -159,6 +176,15 @@ class SpiralFormerConfig(PretrainedConfig):
                                  f"s_t >= g_t - 1 for chunk sizes {self.chunk_sizes})")
             self.shifts = [value] * len(self.chunk_sizes)
         self.num_mesh_slots = self.mesh_slots if self.mesh_slots is not None else self.num_iterations + 3
+        self.num_core_copies = self.num_iterations if self.untie_core and self.num_iterations else 1
+        self.num_compute_layers = pre + loop * self.num_iterations + post
+        weight_layers = pre + loop * self.num_core_copies + post
+        self.init_depth = self.num_compute_layers if self.output_init_depth == "unrolled" else weight_layers
+
+    @property
+    def embedding_multiplier(self) -> float:
+        """Factor on the token embeddings before the first layer (embedding_scale)."""
+        return math.sqrt(self.hidden_size) if self.embedding_scale == "sqrt_d" else 1.0
 
     @property
     def linear_bias(self) -> bool:

@@ -109,6 +109,18 @@ _LAYER_MAP = {  # megatron (local spec) suffix -> HF suffix
 }
 _STACKS = {"decoder.pre.": "model.pre_layers.", "decoder.core.": "model.core_layers.",
            "decoder.post.": "model.post_layers."}
+_UNTIED_CORE = "decoder.core.passes."  # untie_core: decoder.core.passes.{t}.layers.{i}.*
+
+
+def _layer_key(key: str) -> Tuple[str, str]:
+    """megatron layer parameter key -> (HF layer prefix, megatron suffix within the layer)."""
+    if key.startswith(_UNTIED_CORE):
+        t, rest = key[len(_UNTIED_CORE):].split(".", 1)
+        index, suffix = rest[len("layers."):].split(".", 1)
+        return f"model.core_passes.{t}.{index}.", suffix
+    stack = next(s for s in _STACKS if key.startswith(s))
+    index, suffix = key[len(stack) + len("layers."):].split(".", 1)
+    return f"{_STACKS[stack]}{index}.", suffix
 
 
 def megatron_to_hf_state_dict(gpt_state: Dict[str, torch.Tensor], vocab_size: int, heads: int,
@@ -130,10 +142,7 @@ def megatron_to_hf_state_dict(gpt_state: Dict[str, torch.Tensor], vocab_size: in
             name = key[len("decoder."):]
             out["model." + name.replace("topology.", "mesh.")] = value
         elif key.startswith(tuple(_STACKS)):
-            stack = next(s for s in _STACKS if key.startswith(s))
-            rest = key[len(stack) + len("layers."):]
-            index, suffix = rest.split(".", 1)
-            prefix = f"{_STACKS[stack]}{index}."
+            prefix, suffix = _layer_key(key)
             if suffix.startswith("self_attention.linear_qkv."):
                 kind = suffix.rsplit(".", 1)[1]
                 out[f"{prefix}attn.qkv_proj.{kind}"] = torch.cat(_split_qkv(value, heads, groups), dim=0)
@@ -175,9 +184,7 @@ def hf_to_megatron_state_dict(hf_state: Dict[str, torch.Tensor], gpt_state: Dict
         elif key.startswith(("decoder.resamplers.", "decoder.topology.")):
             new = hf_state["model." + key[len("decoder."):].replace("topology.", "mesh.")]
         else:
-            stack = next(s for s in _STACKS if key.startswith(s))
-            index, suffix = key[len(stack) + len("layers."):].split(".", 1)
-            prefix = f"{_STACKS[stack]}{index}."
+            prefix, suffix = _layer_key(key)
             if suffix.startswith("self_attention.linear_qkv."):
                 kind = suffix.rsplit(".", 1)[1]
                 fused = hf_state[f"{prefix}attn.qkv_proj.{kind}"]
@@ -253,7 +260,10 @@ def load_megatron_model(path: str, device: str = "cpu"):
 
     ckpt_dir, _ = resolve_checkpoint(path)
     metadata = read_metadata(ckpt_dir)
-    fields = dict(metadata["model"], transformer_impl="local")
+    from megatron_spiral.config import LEGACY_RECIPE
+
+    # metadata written before the recipe fields existed means the old recipe, not today's default
+    fields = {**LEGACY_RECIPE, **metadata["model"], "transformer_impl": "local"}
     model = build_model(preset="tiny", device=device, **fields)
     load_model_weights(model.gpt, ckpt_dir)
     return model.eval(), metadata, ckpt_dir

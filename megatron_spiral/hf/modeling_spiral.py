@@ -116,6 +116,7 @@ class SpiralAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.qkv_proj = nn.Linear(d, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=config.linear_bias)
+        self.o_proj.is_output_projection = True  # depth-scaled init (_init_weights)
 
     def forward(self, x, cos, sin, kv: Optional[_KV] = None, span: Optional[_Span] = None):
         b, k_len, _ = x.shape
@@ -143,6 +144,7 @@ class SpiralMLP(nn.Module):
         rows = config.intermediate_size * (2 if self.swiglu else 1)
         self.fc1 = nn.Linear(config.hidden_size, rows, bias=config.linear_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.linear_bias)
+        self.fc2.is_output_projection = True  # depth-scaled init (_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
@@ -233,6 +235,8 @@ class SpiralFormerPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if getattr(module, "is_output_projection", False):  # std / sqrt(2 N), as in training
+            std = std / math.sqrt(2.0 * self.config.init_depth)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -253,7 +257,12 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.hidden_dropout)  # megatron's embedding dropout
         self.pre_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_pre_layers))
-        self.core_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_loop_layers))
+        untied = config.num_core_copies > 1
+        self.core_layers = nn.ModuleList(SpiralLayer(config) for _ in range(0 if untied else config.num_loop_layers))
+        # untie_core: iteration t runs core_passes[t] (its own weights) instead of core_layers
+        self.core_passes = nn.ModuleList(
+            nn.ModuleList(SpiralLayer(config) for _ in range(config.num_loop_layers))
+            for _ in range(config.num_core_copies if untied else 0))
         self.post_layers = nn.ModuleList(SpiralLayer(config) for _ in range(config.num_post_layers))
         self.resamplers = nn.ModuleList(SpiralResampler(config, t) for t in range(config.num_iterations))
         looped = config.num_iterations > 0
@@ -268,6 +277,12 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings x, times sqrt(d) under embedding_scale='sqrt_d' (MeSH paper App. B)."""
+        x = self.embed_tokens(input_ids)
+        multiplier = self.config.embedding_multiplier
+        return x if multiplier == 1.0 else x * multiplier
 
     # ------------------------------------------------------------ topology (eq. 4-6)
     def _topology_init(self, x, v):
@@ -298,13 +313,14 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
     # ------------------------------------------------------------ Algorithm 1
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states [b, L, d] of rows whose real tokens are positions 0..L-1."""
-        return self._blocks(self.embed_dropout(self.embed_tokens(input_ids)))
+        return self._blocks(self.embed_dropout(self._embed(input_ids)))
 
     def _core(self, z: torch.Tensor, t: int, span: Optional[_Span] = None, cache=None) -> torch.Tensor:
         """f_loop on the compressed sequence (eq. 9); RoPE position = chunk index."""
         positions = span.positions if span is not None else torch.arange(z.shape[1], device=z.device)[None]
         cos, sin = self.rotary(positions)
-        for n, layer in enumerate(self.core_layers):
+        layers = self.core_passes[t] if len(self.core_passes) else self.core_layers
+        for n, layer in enumerate(layers):
             z = layer(z, cos, sin, cache.core[t][n] if cache is not None else None, span)
         return z
 
@@ -330,7 +346,7 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         if width > 1:
             cache.drain()
         span = _Span(cache.lengths, counts, width, input_ids.device)
-        hidden = self._blocks(self.embed_dropout(self.embed_tokens(input_ids)), span, cache)
+        hidden = self._blocks(self.embed_dropout(self._embed(input_ids)), span, cache)
         cache.lengths = [p + c for p, c in zip(cache.lengths, counts)]
         return hidden
 

@@ -51,6 +51,29 @@ def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, p
     )
 
 
+class UntiedCore(MegatronModule):
+    """One core stack per loop iteration (``untie_core``): pass t runs ``passes[t]``.
+
+    Checkpoint keys are ``core.passes.{t}.layers.{i}...``; each pass is its own megatron block,
+    so TP-sharded weights keep their sharding in dist_checkpointing."""
+
+    def __init__(self, config: TransformerConfig, stacks) -> None:
+        super().__init__(config=config)
+        self.passes = torch.nn.ModuleList(stacks)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        # A plain ModuleList child would be saved as replicated tensors; delegate per pass.
+        out = {}
+        for t, stack in enumerate(self.passes):
+            out.update(stack.sharded_state_dict(f"{prefix}passes.{t}.", sharded_offsets, metadata))
+        return out
+
+
+def scale_embeddings(embeddings: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """x <- x * sqrt(d) before the first layer (MeSH paper App. B); identity at multiplier 1."""
+    return embeddings if multiplier == 1.0 else embeddings * multiplier
+
+
 class SpiralBlock(MegatronModule):
     """The decoder of SpiralGPTModel. A non-looped layout is just the pre stack."""
 
@@ -70,7 +93,12 @@ class SpiralBlock(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
 
         self.pre = _stack(config, layer_spec, layout.num_pre, pg_collection)
-        self.core = _stack(config, layer_spec, layout.num_loop, pg_collection)
+        if spiral.num_core_copies > 1:
+            self.core = UntiedCore(config, [_stack(config, layer_spec, layout.num_loop, pg_collection)
+                                            for _ in range(spiral.num_core_copies)])
+        else:
+            self.core = _stack(config, layer_spec, layout.num_loop, pg_collection)
+        self.embedding_multiplier = spiral.embedding_multiplier
         self.post = _stack(config, layer_spec, layout.num_post, pg_collection)
         self.final_layernorm = build_module(
             norm_module, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
@@ -85,7 +113,7 @@ class SpiralBlock(MegatronModule):
             self.topology = build_topology(
                 spiral.topology, config.hidden_size, spiral.num_mesh_slots, layout.num_iterations,
                 init_method=config.init_method, sequence_parallel=config.sequence_parallel,
-                params_dtype=config.params_dtype)
+                params_dtype=config.params_dtype, router_init=spiral.mesh_router_init)
         # Optional observer called as hook(t, update) with the shifted update u~ of iteration t
         # (full sequence); used for per-loop diagnostics. None in normal runs.
         self.update_hook = None
@@ -119,14 +147,18 @@ class SpiralBlock(MegatronModule):
         multiple = self.tp_size if self.sequence_parallel else 1
         core_input = self._local_shard(pad_to_multiple(latents, multiple))
         core_rope = None if rotary_pos_emb is None else rotary_pos_emb[: core_input.shape[0] * multiple]
-        core_output = self.core(hidden_states=core_input, attention_mask=None,
-                                rotary_pos_emb=core_rope)  # eq. 9
+        core_output = self.core_stack(t)(hidden_states=core_input, attention_mask=None,
+                                         rotary_pos_emb=core_rope)  # eq. 9
         core_output = self._full_sequence(core_output)[:num_latents]
         update = resampler.upscale(core_output, length)  # eq. 10
         shifted = causal_shift(update, resampler.shift)  # eq. 22
         if self.update_hook is not None:
             self.update_hook(t, shifted)
         return self._local_shard(shifted)
+
+    def core_stack(self, t: int) -> TransformerBlock:
+        """The core weights of iteration t: the shared stack, or pass t's own when untied."""
+        return self.core.passes[t] if isinstance(self.core, UntiedCore) else self.core
 
     def forward(
         self,
@@ -142,6 +174,8 @@ class SpiralBlock(MegatronModule):
                 "megatron_spiral.inference (chunk-triggered caches, Algorithm 2)")
         if self.input_tensor is not None:  # pipeline stage input, mirrors TransformerBlock
             hidden_states = self.input_tensor
+        else:  # x is the scaled embedding everywhere it is used (first layer, MeSH slot 0)
+            hidden_states = scale_embeddings(hidden_states, self.embedding_multiplier)
         embeddings = hidden_states
         pre_output = self._run(self.pre, embeddings, rotary_pos_emb)  # v = f_pre(x)
         state = pre_output
@@ -162,5 +196,5 @@ class SpiralBlock(MegatronModule):
     @property
     def layers(self) -> List[torch.nn.Module]:
         """Every unique layer (pre, core, post); megatron's schedules iterate ``decoder.layers``."""
-        return [layer for stack in (self.pre, self.core, self.post) if stack is not None
-                for layer in stack.layers]
+        stacks = [self.pre, *(self.core_stack(t) for t in range(self.spiral.num_core_copies)), self.post]
+        return [layer for stack in stacks if stack is not None for layer in stack.layers]

@@ -8,6 +8,9 @@ part of GPTModel (forward, loss, sharded_state_dict) is megatron's own.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
@@ -35,7 +38,9 @@ def transformer_config(
     biases, dropout) map onto TransformerConfig as Megatron-LM's ``core_transformer_config_from_args``
     maps its flags.
 
-    ``num_layers`` is the number of *unique* layers (N_pre + N_loop + N_post).
+    ``num_layers`` is the number of *unique* layers (N_pre + N_loop + N_post). The output
+    projections (attention out, MLP fc2) are drawn with std init_std / sqrt(2 N), N =
+    ``spiral.init_depth`` (the unrolled layer count under the authors' recipe).
     """
     if use_cpu_initialization is None:
         # CPU init draws every full weight from one generator, so TP=1 and TP=2 get equal weights.
@@ -67,9 +72,20 @@ def transformer_config(
         bf16=bf16,
         use_cpu_initialization=use_cpu_initialization,
         gradient_accumulation_fusion=False,
+        output_layer_init_method=output_projection_init(spiral),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def output_projection_std(spiral: SpiralConfig) -> float:
+    """Depth-aware init (MeSH paper App. B): std = init_std / sqrt(2 * N), N = spiral.init_depth."""
+    return spiral.init_method_std / math.sqrt(2.0 * spiral.init_depth)
+
+
+def output_projection_init(spiral: SpiralConfig):
+    """Initialiser of the attention-out and MLP-fc2 weights with :func:`output_projection_std`."""
+    return functools.partial(torch.nn.init.normal_, mean=0.0, std=output_projection_std(spiral))
 
 
 class SpiralGPTModel(GPTModel):

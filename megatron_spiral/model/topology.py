@@ -76,6 +76,17 @@ def mesh_read_factored(memory: MeshMemory, read_weights: torch.Tensor) -> torch.
     return state
 
 
+RESIDUAL_ROUTER_BIAS = 4.0  # softmax weight e^4 / (e^4 + B - 1) = 0.93 at B = 5: routed, not saturated
+
+
+def residual_router_bias(num_slots: int, bias: float = RESIDUAL_ROUTER_BIAS) -> torch.Tensor:
+    """Router bias that favours slot 1: every write and read then starts on one slot, so the
+    transitional read returns ~v (Anchor's h^(0)) and each step adds u~ to it (a residual loop)."""
+    out = torch.zeros(num_slots)
+    out[1] = bias
+    return out
+
+
 class MeshTopology(torch.nn.Module):
     """MeSH (Yu et al. 2025; App. B): a B-slot memory written and read by per-iteration routers.
 
@@ -91,15 +102,23 @@ class MeshTopology(torch.nn.Module):
         init_method: Optional[Callable[[torch.Tensor], None]] = None,
         sequence_parallel: bool = False,
         params_dtype: torch.dtype = torch.float32,
+        router_init: str = "uniform",
     ) -> None:
         super().__init__()
         self.num_slots = num_slots
+        if router_init not in ("uniform", "residual"):
+            raise ValueError(f"router_init={router_init!r}: choose 'uniform' or 'residual'")
+        if router_init == "residual" and num_slots < 2:
+            raise ValueError("router_init='residual' needs at least 2 MeSH slots")
 
         def make_router() -> torch.nn.Linear:
             router = torch.nn.Linear(hidden_size, num_slots, bias=True, dtype=params_dtype)
             if init_method is not None:
                 init_method(router.weight)
             torch.nn.init.zeros_(router.bias)
+            if router_init == "residual":
+                with torch.no_grad():
+                    router.bias.copy_(residual_router_bias(num_slots))
             for param in router.parameters():
                 param.sequence_parallel = sequence_parallel
             return router
@@ -143,10 +162,11 @@ def build_topology(
     init_method=None,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
+    router_init: str = "uniform",
 ) -> torch.nn.Module:
     if name == "anchor":
         return AnchorTopology()
     if name == "mesh":
         return MeshTopology(hidden_size, num_slots, num_iterations, init_method,
-                            sequence_parallel, params_dtype)
+                            sequence_parallel, params_dtype, router_init)
     raise ValueError(f"unknown topology {name!r}; choose 'anchor' or 'mesh'")

@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_spiral import checkpointing as layout
 from megatron_spiral.compat.torch_adam import enable_torch_adam_fixes
+from megatron_spiral.config import LEGACY_RECIPE
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -122,8 +123,9 @@ def load_training_checkpoint(state, load_path: str, load_optimizer: bool = True)
     ckpt_dir, iteration = layout.resolve_checkpoint(load_path)
     layout.check_complete(ckpt_dir)
     meta = layout.read_metadata(ckpt_dir)
-    saved_model = meta.get("model", {})
-    for key in ("layout", "hidden_size", "num_attention_heads", "topology", "downscale", "upscale"):
+    saved_model = dict(LEGACY_RECIPE, **meta.get("model", {}))  # absent recipe fields: old meaning
+    for key in ("layout", "hidden_size", "num_attention_heads", "topology", "downscale", "upscale",
+                "embedding_scale", "untie_core"):
         if key in saved_model and saved_model[key] != getattr(state.spiral, key):
             raise layout.CheckpointError(
                 f"checkpoint {ckpt_dir} was trained with {key}={saved_model[key]!r} but this run "
