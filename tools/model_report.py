@@ -6,6 +6,9 @@ Examples:
   python tools/model_report.py --spiral-layout "2+4x{1/8,1/4,1/2,1}+2" --hidden-size 768 \\
       --num-attention-heads 12 --vocab-size 50277 --seq-length 4096 --json
   python tools/model_report.py --all-presets          # every Table 1 row next to the paper's
+  python tools/model_report.py --preset spiral-l-1.4b-mesh --memory --bf16 --micro-batch-size 4 \
+      --use-distributed-optimizer --data-parallel-size 8 --spiral-recompute-loop   # per-GPU bytes
+  python tools/model_report.py --fits-table --bf16     # largest micro-batch on 80 GB per recompute mode
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 
 from megatron_spiral.analysis.accounting import count_params, forward_flops
 from megatron_spiral.cli import add_dataclass_arguments, explicit_overrides
+from megatron_spiral.analysis.memory_table import add_memory_arguments
 from megatron_spiral.config import SpiralConfig, SpiralConfigError
 from megatron_spiral.presets import PAPER_TABLE1, PRESETS, get_preset
 
@@ -31,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-presets", action="store_true",
                         help="print every Table 1 preset next to the paper's numbers")
     add_dataclass_arguments(parser, SpiralConfig, "model (override the preset)", defaults_to_none=True)
+    add_memory_arguments(parser)  # --memory / --fits-table (megatron_spiral/analysis/memory_table.py)
     return parser
 
 
@@ -94,11 +99,39 @@ def main(argv=None) -> int:
             config, name = SpiralConfig(**overrides), "custom"
     except SpiralConfigError as err:
         parser.exit(2, f"model_report.py: error: {err}\n")
+    if args.memory or args.fits_table:
+        return memory_main(parser, args, name, config)
     info = report(config)
     if args.json:
         print(json.dumps(info))
     else:
         print_human(name, config, info)
+    return 0
+
+
+def memory_main(parser, args, name: str, config: SpiralConfig) -> int:
+    """--memory: per-GPU bytes of this run; --fits-table: every Table 1 preset's largest micro-batch."""
+    from megatron_spiral.analysis import memory_table
+    from megatron_spiral.model.recompute import RecomputeConfigError
+
+    try:
+        setup = memory_table.setup_from_args(args, config.seq_length)
+    except (ValueError, RecomputeConfigError) as err:
+        parser.exit(2, f"model_report.py: error: {err}\n")
+    if args.fits_table:
+        length = args.seq_length  # an explicit --seq-length applies to every preset
+        rows = memory_table.fits_table(list(PAPER_TABLE1), setup, args.gpu_memory_gb, seq_length=length)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            memory_table.print_fits_table(rows, setup, args.gpu_memory_gb, seq_length=length)
+        return 0
+    if args.json:
+        from megatron_spiral.analysis.memory import memory_report
+
+        print(json.dumps(memory_report(config, setup).as_dict()))
+    else:
+        memory_table.print_memory(name, config, setup, args.gpu_memory_gb)
     return 0
 
 

@@ -311,13 +311,15 @@ def memory_report(config: SpiralConfig, setup: MemorySetup) -> MemoryReport:
 
 
 def largest_micro_batch(config: SpiralConfig, setup: MemorySetup, capacity_bytes: int,
-                        limit: int = 1024) -> int:
+                        limit: int = 4096) -> int:
     """Largest --micro-batch-size whose :func:`memory_report` total fits ``capacity_bytes``
-    (0 when not even one sequence fits)."""
-    best = 0
-    for batch in range(1, limit + 1):
+    (0 when not even one sequence fits). Memory grows with the batch: bisection."""
+    def fits(batch: int) -> bool:
         trial = MemorySetup(**{**setup.__dict__, "micro_batch_size": batch})
-        if memory_report(config, trial).total > capacity_bytes:
-            break
-        best = batch
-    return best
+        return memory_report(config, trial).total <= capacity_bytes
+
+    low, high = 0, limit + 1  # fits(low) holds (or low == 0), fits(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

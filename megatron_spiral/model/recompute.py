@@ -31,8 +31,9 @@ from typing import Callable, List, Optional
 
 GRANULARITIES = ("full", "selective")
 METHODS = ("uniform", "block")
-# megatron-core 0.16.1's selective modules that exist in a dense GPT layer.
-MODULES = ("core_attn", "layernorm", "mlp")
+# megatron-core 0.16.1's selective modules of a dense GPT layer whose saved tensors the memory
+# model accounts for ("layernorm" discards outputs through storage resizing, which it does not).
+MODULES = ("core_attn", "mlp")
 
 
 class RecomputeConfigError(ValueError):
@@ -61,7 +62,7 @@ class RecomputeConfig:
     recompute_activations: bool = field(default=False, metadata=_h(
         "shorthand for --recompute-granularity selective (Megatron-LM)"))
     recompute_modules: Optional[List[str]] = field(default=None, metadata=_h(
-        "with 'selective': submodules to recompute among core_attn, layernorm, mlp "
+        "with 'selective': submodules to recompute among core_attn, mlp "
         "(default: core_attn)", metavar="MODULE"))
     spiral_recompute_loop: bool = field(default=False, metadata=_h(
         "ours: recompute every loop iteration (down-scale -> core -> up-scale -> shift) in the "

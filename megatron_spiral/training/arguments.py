@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from megatron_spiral.cli import add_dataclass_arguments, dataclass_from_args, explicit_overrides
 from megatron_spiral.config import SpiralConfig, SpiralConfigError
+from megatron_spiral.model.recompute import RecomputeConfig, RecomputeConfigError
 from megatron_spiral.presets import PRESETS, get_preset
 
 
@@ -101,6 +102,7 @@ class RunConfig:
     log: LogConfig
     data: object
     tokenizer: object
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(parser, OptimConfig, "optimizer and learning-rate schedule")
     add_dataclass_arguments(parser, CheckpointConfig, "checkpointing")
     add_dataclass_arguments(parser, LogConfig, "logging")
+    add_dataclass_arguments(parser, RecomputeConfig, "activation recomputation",
+                            "Megatron-LM's recompute flags plus --spiral-recompute-loop "
+                            "(docs/memory.md)")
     # --seq-length is the model's flag (above); the data is cut to the same length.
     add_dataclass_arguments(parser, DataConfig, "data", skip=("seq_length",))
     add_dataclass_arguments(parser, TokenizerConfig, "tokenizer")
@@ -141,6 +146,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         model = get_preset(args.preset or "tiny", **overrides)
     except SpiralConfigError as err:
         parser.error(str(err))
+    try:
+        recompute = dataclass_from_args(RecomputeConfig, args)
+    except RecomputeConfigError as err:
+        parser.error(str(err))
     run = RunConfig(
         model=model,
         preset=args.preset,
@@ -151,6 +160,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         log=dataclass_from_args(LogConfig, args),
         data=dataclass_from_args(DataConfig, args, seq_length=model.seq_length),
         tokenizer=dataclass_from_args(TokenizerConfig, args),
+        recompute=recompute,
     )
     problem = validate(run)
     if problem:

@@ -49,17 +49,21 @@ def batch_geometry(train: TrainConfig, data_parallel_size: int) -> tuple:
     return global_batch, global_batch // per_step
 
 
-def build_model(spiral: SpiralConfig, parallel: ParallelConfig) -> tuple:
-    """SpiralGPTModel wrapped in megatron's DDP; returns (ddp_model, transformer_config)."""
+def build_model(spiral: SpiralConfig, parallel: ParallelConfig, recompute=None) -> tuple:
+    """SpiralGPTModel wrapped in megatron's DDP; returns (ddp_model, transformer_config).
+    ``recompute``: optional RecomputeConfig (--recompute-* / --spiral-recompute-loop)."""
     bf16 = parallel.bf16
+    recompute_fields = recompute.transformer_config_overrides() if recompute is not None else {}
     config = transformer_config(
         spiral,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
+        **recompute_fields,
     )
-    model = SpiralGPTModel(config, spiral)
+    model = SpiralGPTModel(config, spiral,
+                           recompute_loop=bool(recompute and recompute.spiral_recompute_loop))
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(
@@ -111,9 +115,9 @@ def build_optimizer(ddp, optim: OptimConfig, parallel: ParallelConfig, train_ite
 
 
 def build_training_state(spiral: SpiralConfig, parallel: ParallelConfig, train: TrainConfig,
-                         optim: OptimConfig) -> TrainingState:
+                         optim: OptimConfig, recompute=None) -> TrainingState:
     dp = parallel_state.get_data_parallel_world_size()
     global_batch, microbatches = batch_geometry(train, dp)
-    ddp, _ = build_model(spiral, parallel)
+    ddp, _ = build_model(spiral, parallel, recompute)
     optimizer, scheduler = build_optimizer(ddp, optim, parallel, train.train_iters, global_batch)
     return TrainingState(ddp, optimizer, scheduler, spiral, microbatches, global_batch)
