@@ -69,7 +69,7 @@ def layer_internal_bytes(config: SpiralConfig, length: int, setup: MemorySetup) 
     output (6 x [l, b, d/tp]); MLP pre-activation and GELU output (2 x [l, b, f/tp]); the RoPE
     cos/sin tables of q and k (4 x [l, head_dim]); SDPA's fp32 log-sum-exp; fp32 norm statistics.
     ``--recompute-modules core_attn`` drops the log-sum-exp (q, k, v and the output stay: the
-    projections save them); ``mlp`` drops the MLP pre-activation and GELU output.
+    projections save them).
     """
     b, d, f, tp, act = setup.micro_batch_size, config.hidden_size, config.ffn_size, \
         setup.tensor_model_parallel_size, setup.act
@@ -82,7 +82,7 @@ def layer_internal_bytes(config: SpiralConfig, length: int, setup: MemorySetup) 
 
     hidden = 3 * tokens * d // setup.sp * act
     attention = 6 * tokens * d // tp * act
-    mlp = 0 if "mlp" in modules else 2 * tokens * f // tp * act
+    mlp = 2 * tokens * f // tp * act
     rope = 4 * length * rotary_dim * act
     lse = 4 if "core_attn" in modules else b * heads * length * FP32  # 4: mask-type int32
     stats = 2 * stats_per_norm * tokens // setup.sp * FP32

@@ -31,9 +31,11 @@ from typing import Callable, List, Optional
 
 GRANULARITIES = ("full", "selective")
 METHODS = ("uniform", "block")
-# megatron-core 0.16.1's selective modules of a dense GPT layer whose saved tensors the memory
-# model accounts for ("layernorm" discards outputs through storage resizing, which it does not).
-MODULES = ("core_attn", "mlp")
+# The megatron-core 0.16.1 selective module that works here. "mlp" returns the fc2 bias (a
+# parameter) through the checkpoint, so with the shared core called T times each backward replays
+# the earlier calls again (measured: a tiny model never finishes its backward); "layernorm"
+# discards outputs by resizing storages, which the memory model does not account for.
+MODULES = ("core_attn",)
 
 
 class RecomputeConfigError(ValueError):
@@ -62,8 +64,8 @@ class RecomputeConfig:
     recompute_activations: bool = field(default=False, metadata=_h(
         "shorthand for --recompute-granularity selective (Megatron-LM)"))
     recompute_modules: Optional[List[str]] = field(default=None, metadata=_h(
-        "with 'selective': submodules to recompute among core_attn, mlp "
-        "(default: core_attn)", metavar="MODULE"))
+        "with 'selective': submodules to recompute; only core_attn (the default) is supported "
+        "here", metavar="MODULE"))
     spiral_recompute_loop: bool = field(default=False, metadata=_h(
         "ours: recompute every loop iteration (down-scale -> core -> up-scale -> shift) in the "
         "backward pass, so each iteration keeps only its input; combines with the flags above",
