@@ -363,7 +363,7 @@ def main(argv=None) -> int:
 
     peak = peak_flops(device, dtype, args.peak_tflops)
     tokens = args.micro_batch_size * args.seq_length
-    header = (f"| {'model':17s} | {'layout':26s} | {'ms/step':>8s} | {'spread':>6s} | {'tokens/s':>9s} | "
+    header = (f"| {'model':18s} | {'layout':26s} | {'ms/step':>8s} | {'spread':>6s} | {'tokens/s':>9s} | "
               f"{'TFLOPs/step':>11s} | {'TFLOP/s':>8s} |" + (f" {'MFU':>6s} |" if peak else "")
               + f" {'saved MiB':>9s} |" + (f" {'peak MiB':>8s} |" if device.startswith("cuda") else ""))
     print()
@@ -371,8 +371,8 @@ def main(argv=None) -> int:
     print("|" + "|".join("-" * (len(part) + 0) for part in header.split("|")[1:-1]) + "|")
     for e in entries:
         spread = (max(e.times) - min(e.times)) / e.median
-        label = LABELS[e.name] if e.mode == "none" else f"{LABELS[e.name][:11]}/{e.mode}"
-        row = (f"| {label:17s} | {e.config.layout:26s} | {e.median * 1e3:8.1f} | {spread:6.1%} | "
+        label = LABELS[e.name] if e.mode == "none" else f"{e.name}/{e.mode}"
+        row = (f"| {label:18s} | {e.config.layout:26s} | {e.median * 1e3:8.1f} | {spread:6.1%} | "
                f"{tokens / e.median:9.0f} | {e.flops / 1e12:11.4f} | {e.flops / e.median / 1e12:8.3f} |")
         if peak:
             row += f" {e.flops / e.median / peak:6.1%} |"
