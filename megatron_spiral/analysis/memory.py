@@ -238,19 +238,26 @@ def activation_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
 
 def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
     """Transient bytes during backward: the logits gradient in the activation dtype and, with
-    recompute, the re-materialised activations of the largest checkpointed unit."""
+    recompute, what the largest recomputed unit re-materialises: one group of layers under
+    ``full``; one iteration under ``loop`` (its core keeping only layer inputs when ``full`` is on
+    too, plus one layer being recomputed inside it)."""
     length = setup.seq_length or config.seq_length
     logits_grad = length * setup.micro_batch_size * config.padded_vocab_size \
         // setup.tensor_model_parallel_size * setup.act
     rc = setup.recompute
     plain = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig()})
-    unit = 0
+    layer_unit = 0
     if rc.recompute_granularity == "full":
         per = min(rc.recompute_num_layers, max(config.parsed_layout.num_unique_layers, 1))
-        unit = per * (layer_internal_bytes(config, length, plain) + hidden_bytes(config, length, plain))
+        layer_unit = per * (layer_internal_bytes(config, length, plain) + hidden_bytes(config, length, plain))
+    unit = layer_unit
     if rc.spiral_recompute_loop and config.parsed_layout.is_looped:
-        unit = max(unit, max(sum(iteration_bytes(config, t, length, plain).values())
-                             for t in range(config.num_iterations)))
+        inner = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig(
+            recompute_granularity=rc.recompute_granularity, recompute_method=rc.recompute_method,
+            recompute_num_layers=rc.recompute_num_layers, recompute_modules=rc.recompute_modules)})
+        iteration = max(sum(iteration_bytes(config, t, length, inner).values())
+                        for t in range(config.num_iterations))
+        unit = iteration + layer_unit
     return logits_grad + unit
 
 

@@ -16,8 +16,9 @@ Megatron-LM's (core_v0.16.1) flags keep their names, defaults and meanings:
 * ``--spiral-recompute-loop`` (ours): recompute each loop iteration as a whole,
   down-scale -> core -> up-scale -> shift. A coarse iteration then keeps only its input state
   (and its output, which the topology needs) instead of every core layer's activations at L_t.
-  It combines with ``full`` (then only the pre/post stacks use megatron's block recompute; the
-  core is already inside the iteration's checkpoint) and with ``selective``.
+  It combines with ``full``: the core keeps its layer checkpoints inside the iteration's, so the
+  backward re-materialises one layer at a time (the core's forward runs three times instead of
+  two), and with ``selective``.
 
 Recomputation uses megatron's ``tensor_parallel.checkpoint``, which restores the CPU, CUDA and
 tensor-parallel RNG tracker states before re-running, so dropout masks of the recomputed forward
@@ -149,14 +150,11 @@ def mode_config(mode: str) -> RecomputeConfig:
 MODES = ("none", "selective", "full", "loop", "loop+full")
 
 
-def stack_recompute_overrides(config, num_layers: int, inside_loop_checkpoint: bool) -> dict:
+def stack_recompute_overrides(config, num_layers: int) -> dict:
     """Recompute fields of one stack's TransformerConfig: ``recompute_num_layers`` clipped to the
-    stack's depth (megatron's uniform recompute would index past the last layer otherwise), and
-    full recompute switched off for the core when the whole iteration is checkpointed already."""
+    stack's depth (megatron's uniform recompute would index past the last layer otherwise)."""
     if config.recompute_granularity != "full":
         return {}
-    if inside_loop_checkpoint:
-        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
     return dict(recompute_num_layers=min(config.recompute_num_layers, num_layers))
 
 

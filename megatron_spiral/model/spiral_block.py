@@ -38,13 +38,12 @@ from megatron_spiral.model.resampling import Resampler, causal_shift, pad_to_mul
 from megatron_spiral.model.topology import build_topology
 
 
-def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection,
-           inside_loop_checkpoint: bool = False):
+def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection):
     if num_layers == 0:
         return None
     # Each stack is its own megatron block: its checkpoint layer axis has num_layers entries.
     # (The scaled output-projection init already fixed in ``config`` keeps using the model depth.)
-    recompute = stack_recompute_overrides(config, num_layers, inside_loop_checkpoint)
+    recompute = stack_recompute_overrides(config, num_layers)
     return TransformerBlock(
         config=dataclasses.replace(config, num_layers=num_layers, **recompute),
         spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=None),
@@ -77,8 +76,7 @@ class SpiralBlock(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
 
         self.pre = _stack(config, layer_spec, layout.num_pre, pg_collection)
-        self.core = _stack(config, layer_spec, layout.num_loop, pg_collection,
-                           inside_loop_checkpoint=recompute_loop)
+        self.core = _stack(config, layer_spec, layout.num_loop, pg_collection)
         self.post = _stack(config, layer_spec, layout.num_post, pg_collection)
         self.final_layernorm = build_module(
             norm_module, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
