@@ -6,6 +6,7 @@ The activation part must lie within 10% of the distinct storages autograd saves 
 SpiralFormer-B/-L (MeSH and anchor) under every recompute mode, at tiny CPU dims."""
 
 import importlib.util
+import re
 import json
 import os
 import subprocess
@@ -143,3 +144,20 @@ def test_fits_table_lists_every_table1_preset_per_mode():
     by_name = {row["preset"]: row for row in rows}
     assert by_name["pythia-1.4b"]["full"] > by_name["pythia-1.4b"]["none"] >= 1
     assert by_name["spiral-b-1.4b-mesh"]["loop"] > by_name["spiral-b-1.4b-mesh"]["none"]
+
+
+def test_bench_recompute_modes_side_by_side(capsys):
+    """bench/bench_training_speed.py --recompute: one row per model and mode, ratios to 'none'
+    (added when missing), the memory model's prediction next to the measurement, goal lines."""
+    bench = _bench()
+    args = ["--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "64", "--vocab-size", "100",
+            "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--dtype", "float32",
+            "--models", "spiral-b", "--recompute", "full", "loop"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    for label in ("SpiralFormer-B",):
+        for mode in ("none", "full", "loop"):
+            assert re.search(rf"\| {label} +\| {re.escape(mode)} +\| +[\d.]+ \| +[\d.]+ \|", out), \
+                (label, mode)
+    assert re.search(r"\| SpiralFormer-B +\| none +\| +[\d.]+ \| +1\.000 \|", out)
+    assert "goal full SpiralFormer-B" in out and "goal loop SpiralFormer-B" in out
