@@ -175,3 +175,21 @@ def test_pretrain_cli_accepts_and_rejects_recompute_flags():
                            "full"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert 'recompute_method must be "block" or "uniform" (add --recompute-method uniform)' in proc.stderr
+
+
+def test_loop_recompute_with_a_sequence_shorter_than_a_chunk():
+    """An iteration with no complete chunk adds zeros (nothing to recompute): the backward works and
+    matches no recompute."""
+    from megatron_spiral.parallel import ensure_parallel
+
+    ensure_parallel(seed=3)
+    grads = []
+    for recompute in (RecomputeConfig(), RecomputeConfig(spiral_recompute_loop=True)):
+        torch.manual_seed(0)
+        model = _model("mesh", recompute)
+        ids = torch.tensor([[5], [9]])  # L=1 < g=4 - omega: iteration 0 has no chunk
+        model(ids, torch.zeros(1, 1, dtype=torch.long), None, labels=ids).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)

@@ -115,7 +115,9 @@ class SpiralBlock(MegatronModule):
     # ---------------------------------------------------------------- Algorithm 1
     def loop_iteration(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
         """One multi-resolution step: returns the shifted update u~^(t) on the local shard."""
-        if self.recompute_loop and self.training and torch.is_grad_enabled():
+        length = state.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+        if (self.recompute_loop and self.training and torch.is_grad_enabled()
+                and self.resamplers[t].num_chunks(length) > 0):  # else there is nothing to redo
             # keep only the input state; the backward re-runs down -> core -> up -> shift
             shifted = checkpointed(functools.partial(self._iteration_update, t), state, rotary_pos_emb)
         else:
