@@ -15,8 +15,14 @@ Layer allocations are the paper's Table 1 rows of --size (e.g. 160m: 12 layers; 
 2+4x{1/8,1/4,1/2,1}+2; 4+4x{1/16,1/8,1/4,1/2}+4); --hidden-size / --num-attention-heads /
 --seq-length shrink them for a CPU.
 
+With --recompute MODE ... every model is also built under each activation-recompute mode (none,
+selective, full, loop, loop+full; megatron_spiral/model/recompute.py) and a second table puts the
+modes side by side: step time, saved-activation bytes (measured, and the memory model's
+prediction) and their ratios to no recompute.
+
 Examples:
   python bench/bench_training_speed.py                       # CPU: 160m layouts, d=256, seq 1024
+  python bench/bench_training_speed.py --recompute none full loop   # recompute modes side by side
   python bench/bench_training_speed.py --size 410m --seq-length 4096 --paper-dims   # GPU, bf16
 """
 
@@ -60,6 +66,7 @@ class Entry:
     last_time: float = 0.0
     saved_bytes: int = 0
     peak_bytes: Optional[int] = None
+    mode: str = "none"              # activation-recompute mode (--recompute)
 
     @property
     def median(self) -> float:
@@ -211,6 +218,7 @@ def peak_flops(device: str, dtype: torch.dtype, override: Optional[float]) -> Op
 def build_entries(args, device: str, dtype: torch.dtype) -> List[Entry]:
     from megatron_spiral import build_model
     from megatron_spiral.analysis.accounting import training_flops_per_sequence
+    from megatron_spiral.model.recompute import mode_config
     from megatron_spiral.presets import PRESETS
 
     entries = []
@@ -223,12 +231,55 @@ def build_entries(args, device: str, dtype: torch.dtype) -> List[Entry]:
             overrides.update(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads)
         if args.vocab_size:
             overrides["vocab_size"] = args.vocab_size
-        model = build_model(preset, seed=1234, params_dtype=dtype, device=device, **overrides)
-        model.train()
-        flops = training_flops_per_sequence(model.config, args.seq_length) * args.micro_batch_size
-        causal = causal_training_flops(model.config, args.seq_length) * args.micro_batch_size
-        entries.append(Entry(name, preset, model, model.config, flops, causal))
+        for mode in args.recompute or ["none"]:
+            # same seed: every mode of a model has the same weights
+            model = build_model(preset, seed=1234, params_dtype=dtype, device=device,
+                                recompute=mode_config(mode), **overrides)
+            model.train()
+            flops = training_flops_per_sequence(model.config, args.seq_length) * args.micro_batch_size
+            causal = causal_training_flops(model.config, args.seq_length) * args.micro_batch_size
+            entries.append(Entry(name, preset, model, model.config, flops, causal, mode=mode))
     return entries
+
+
+def predicted_saved_bytes(entry: Entry, args, dtype: torch.dtype) -> int:
+    """The memory model's activation bytes (megatron_spiral/analysis/memory.py) for this entry."""
+    from megatron_spiral.analysis.memory import MemorySetup, activation_bytes
+    from megatron_spiral.model.recompute import mode_config
+
+    setup = MemorySetup(micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+                        bf16=dtype == torch.bfloat16, recompute=mode_config(entry.mode))
+    return activation_bytes(entry.config, setup)
+
+
+def print_recompute_table(entries: List[Entry], args, dtype: torch.dtype) -> None:
+    """Recompute modes side by side per model: time and saved bytes, ratios to mode 'none'."""
+    print(f"\n| {'model':17s} | {'recompute':9s} | {'ms/step':>8s} | {'time / none':>11s} | "
+          f"{'saved MiB':>9s} | {'model MiB':>9s} | {'none / saved':>12s} |")
+    print(f"|{'-' * 19}|{'-' * 11}|{'-' * 10}|{'-' * 13}|{'-' * 11}|{'-' * 11}|{'-' * 14}|")
+    by_key = {(e.name, e.mode): e for e in entries}
+    for e in entries:
+        base = by_key.get((e.name, "none"))
+        # same-round ratios cancel slow load drifts of a shared machine
+        time_ratio = (statistics.median(x / y for x, y in zip(e.times, base.times))
+                      if base else float("nan"))
+        saved_ratio = base.saved_bytes / e.saved_bytes if base and e.saved_bytes else float("nan")
+        print(f"| {LABELS[e.name]:17s} | {e.mode:9s} | {e.median * 1e3:8.1f} | {time_ratio:11.3f} | "
+              f"{fmt_bytes(e.saved_bytes):>9s} | {fmt_bytes(predicted_saved_bytes(e, args, dtype)):>9s} | "
+              f"{saved_ratio:12.2f} |")
+    # the issue's CPU goals: full >= 4x less saved memory at <= 1.4x step time; loop-aware
+    # recompute at least halves SpiralFormer's saved bytes at <= 1.25x step time
+    for mode, models, memory_goal, time_goal in (
+            ("full", list(MODELS), 4.0, 1.4), ("loop", ["spiral-b", "spiral-l"], 2.0, 1.25)):
+        for name in models:
+            e, base = by_key.get((name, mode)), by_key.get((name, "none"))
+            if e is None or base is None or not e.saved_bytes:
+                continue
+            saved = base.saved_bytes / e.saved_bytes
+            slower = statistics.median(x / y for x, y in zip(e.times, base.times))
+            verdict = "met" if saved >= memory_goal and slower <= time_goal else "NOT met"
+            print(f"goal {mode:4s} {LABELS[name]:17s}: {saved:5.2f}x less saved (goal >= {memory_goal:g}x) "
+                  f"at {slower:5.3f}x step time (goal <= {time_goal:g}x): {verdict}")
 
 
 def fmt_bytes(value: Optional[int]) -> str:
@@ -262,10 +313,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: from the GPU name)")
     parser.add_argument("--no-memory", action="store_true", help="skip the activation-memory pass")
+    parser.add_argument("--recompute", nargs="+", default=None, metavar="MODE",
+                        choices=["none", "selective", "full", "loop", "loop+full", "loop+selective"],
+                        help="also build every model under these activation-recompute modes and print "
+                             "them side by side (ratios to 'none', which is added when missing)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each part (stacks, core per loop, resampling, topology, head) "
                              "in isolation and print its share of the step")
     args = parser.parse_args(argv)
+    if args.recompute and "none" not in args.recompute:
+        args.recompute.insert(0, "none")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)  # argparse choices: float32, bfloat16
@@ -296,7 +353,8 @@ def main(argv=None) -> int:
                 entry.times.append(entry.last_time)
         kind = "timed" if round_index >= args.warmup else "warm-up"
         print(f"  round {round_index + 1}/{args.warmup + args.rounds} ({kind}): "
-              + "  ".join(f"{e.name} {e.last_time:.3f}s" for e in entries), file=sys.stderr)
+              + "  ".join(f"{e.name}{'' if e.mode == 'none' else '/' + e.mode} {e.last_time:.3f}s"
+                          for e in entries), file=sys.stderr)
     if not args.no_memory:
         for entry in entries:
             entry.saved_bytes = saved_tensor_bytes(entry.model, ids)
@@ -305,7 +363,7 @@ def main(argv=None) -> int:
 
     peak = peak_flops(device, dtype, args.peak_tflops)
     tokens = args.micro_batch_size * args.seq_length
-    header = (f"| {'model':17s} | {'layout':26s} | {'ms/step':>8s} | {'spread':>6s} | {'tokens/s':>9s} | "
+    header = (f"| {'model':18s} | {'layout':26s} | {'ms/step':>8s} | {'spread':>6s} | {'tokens/s':>9s} | "
               f"{'TFLOPs/step':>11s} | {'TFLOP/s':>8s} |" + (f" {'MFU':>6s} |" if peak else "")
               + f" {'saved MiB':>9s} |" + (f" {'peak MiB':>8s} |" if device.startswith("cuda") else ""))
     print()
@@ -313,7 +371,8 @@ def main(argv=None) -> int:
     print("|" + "|".join("-" * (len(part) + 0) for part in header.split("|")[1:-1]) + "|")
     for e in entries:
         spread = (max(e.times) - min(e.times)) / e.median
-        row = (f"| {LABELS[e.name]:17s} | {e.config.layout:26s} | {e.median * 1e3:8.1f} | {spread:6.1%} | "
+        label = LABELS[e.name] if e.mode == "none" else f"{e.name}/{e.mode}"
+        row = (f"| {label:18s} | {e.config.layout:26s} | {e.median * 1e3:8.1f} | {spread:6.1%} | "
                f"{tokens / e.median:9.0f} | {e.flops / 1e12:11.4f} | {e.flops / e.median / 1e12:8.3f} |")
         if peak:
             row += f" {e.flops / e.median / peak:6.1%} |"
@@ -322,7 +381,7 @@ def main(argv=None) -> int:
             row += f" {fmt_bytes(e.peak_bytes):>8s} |"
         print(row)
 
-    by_name = {e.name: e for e in entries}
+    by_name = {e.name: e for e in entries if e.mode == "none"}
     print()
     print(f"| {'ratio':38s} | time (med) | per-round | FLOPs (T.1) | time-FL. | FLOPs causal | time-FLc |")
     print(f"|{'-' * 40}|{'-' * 12}|{'-' * 11}|{'-' * 13}|{'-' * 10}|{'-' * 14}|{'-' * 10}|")
@@ -340,7 +399,10 @@ def main(argv=None) -> int:
                 worst = max(worst, abs(gap))
             print(f"| {LABELS[num] + ' / ' + LABELS[den]:38s} | {time_ratio:10.3f} | {paired:9.3f} | "
                   f"{flops_ratio:11.3f} | {gap:+8.3f} | {causal_ratio:12.3f} | {time_ratio - causal_ratio:+8.3f} |")
+    if args.recompute and not args.no_memory:
+        print_recompute_table(entries, args, dtype)
     if args.breakdown:
+        entries = [e for e in entries if e.mode == "none"]
         print("\nper-part forward+backward in isolation (fastest of 3), ms and share of the median step")
         for e in entries:
             parts = breakdown(e, ids, device, repeats=3)

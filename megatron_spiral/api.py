@@ -47,8 +47,9 @@ class SpiralLM(torch.nn.Module):
 
 
 def build_model(preset: str = "tiny", seed: int = 1234, params_dtype: torch.dtype = torch.float32,
-                device: Optional[str] = None, **overrides) -> SpiralLM:
+                device: Optional[str] = None, recompute=None, **overrides) -> SpiralLM:
     """Build a model from a preset name; keyword arguments override any SpiralConfig field.
+    ``recompute`` is an optional :class:`megatron_spiral.model.recompute.RecomputeConfig`.
 
     Sets up a one-rank process group and megatron's model-parallel state when none exists.
     """
@@ -57,7 +58,9 @@ def build_model(preset: str = "tiny", seed: int = 1234, params_dtype: torch.dtyp
 
     config = get_preset(preset, **overrides)
     ensure_parallel(seed=seed)
-    gpt = SpiralGPTModel(transformer_config(config, params_dtype=params_dtype), config)
+    extra = recompute.transformer_config_overrides() if recompute is not None else {}
+    gpt = SpiralGPTModel(transformer_config(config, params_dtype=params_dtype, **extra), config,
+                         recompute_loop=bool(recompute and recompute.spiral_recompute_loop))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return SpiralLM(gpt.to(device), config)

@@ -8,6 +8,9 @@ Examples:
   python tools/model_report.py --all-presets          # every Table 1 row next to the paper's
   python tools/model_report.py --num-layers 12 --hidden-size 768 --num-attention-heads 12 \\
       --seq-length 2048 --swiglu --group-query-attention --num-query-groups 4   # tied (Megatron)
+  python tools/model_report.py --preset spiral-l-1.4b-mesh --memory --bf16 --micro-batch-size 4 \
+      --use-distributed-optimizer --data-parallel-size 8 --spiral-recompute-loop   # per-GPU bytes
+  python tools/model_report.py --fits-table --bf16     # largest micro-batch on 80 GB per recompute mode
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from megatron_spiral.analysis.accounting import count_params, forward_flops
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model_args import add_model_arguments, describe_architecture, model_config_from_args
 from megatron_spiral.training.megatron_flags import add_refused_megatron_flags, refused_flags_message
+from megatron_spiral.analysis.memory_table import add_memory_arguments
 from megatron_spiral.presets import PAPER_TABLE1, PRESETS, get_preset
 
 
@@ -34,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-presets", action="store_true",
                         help="print every Table 1 preset next to the paper's numbers")
     add_model_arguments(parser, skip=())
+    add_memory_arguments(parser)  # --memory / --fits-table (megatron_spiral/analysis/memory_table.py)
     add_refused_megatron_flags(parser)  # last: a Megatron-LM flag we cannot honour says why
     return parser
 
@@ -107,11 +112,39 @@ def main(argv=None) -> int:
     # Same resolution as pretrain_spiral.py: Megatron-LM defaults (tied, ...) without --preset.
     config = model_config_from_args(args, parser.error, require_dims=False, vocab_from_flags=True)
     name = args.preset or "custom"
+    if args.memory or args.fits_table:
+        return memory_main(parser, args, name, config)
     info = report(config)
     if args.json:
         print(json.dumps(info))
     else:
         print_human(name, config, info)
+    return 0
+
+
+def memory_main(parser, args, name: str, config: SpiralConfig) -> int:
+    """--memory: per-GPU bytes of this run; --fits-table: every Table 1 preset's largest micro-batch."""
+    from megatron_spiral.analysis import memory_table
+    from megatron_spiral.model.recompute import RecomputeConfigError
+
+    try:
+        setup = memory_table.setup_from_args(args, config.seq_length)
+    except (ValueError, RecomputeConfigError) as err:
+        parser.exit(2, f"model_report.py: error: {err}\n")
+    if args.fits_table:
+        length = args.seq_length  # an explicit --seq-length applies to every preset
+        rows = memory_table.fits_table(list(PAPER_TABLE1), setup, args.gpu_memory_gb, seq_length=length)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            memory_table.print_fits_table(rows, setup, args.gpu_memory_gb, seq_length=length)
+        return 0
+    if args.json:
+        from megatron_spiral.analysis.memory import memory_report
+
+        print(json.dumps(memory_report(config, setup).as_dict()))
+    else:
+        memory_table.print_memory(name, config, setup, args.gpu_memory_gb)
     return 0
 
 

@@ -21,6 +21,7 @@ attention ignores) for the core.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import List, Optional
 
 import torch
@@ -32,6 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_spiral.config import SpiralConfig
+from megatron_spiral.model.recompute import checkpointed, stack_recompute_overrides
 from megatron_spiral.model.resampling import Resampler, causal_shift, pad_to_multiple
 from megatron_spiral.model.topology import build_topology
 
@@ -41,8 +43,9 @@ def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, p
         return None
     # Each stack is its own megatron block: its checkpoint layer axis has num_layers entries.
     # (The scaled output-projection init already fixed in ``config`` keeps using the model depth.)
+    recompute = stack_recompute_overrides(config, num_layers)
     return TransformerBlock(
-        config=dataclasses.replace(config, num_layers=num_layers),
+        config=dataclasses.replace(config, num_layers=num_layers, **recompute),
         spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=None),
         post_layer_norm=False,
         pre_process=True,
@@ -84,9 +87,12 @@ class SpiralBlock(MegatronModule):
         layer_spec: ModuleSpec,
         norm_module,
         pg_collection=None,
+        recompute_loop: bool = False,
     ) -> None:
         super().__init__(config=config)
         self.spiral = spiral
+        # --spiral-recompute-loop: each loop iteration is checkpointed whole (model/recompute.py)
+        self.recompute_loop = recompute_loop
         layout = spiral.parsed_layout
         self.input_tensor = None  # pipeline-schedule interface of TransformerBlock
         self.tp_size = config.tensor_model_parallel_size
@@ -137,12 +143,25 @@ class SpiralBlock(MegatronModule):
     # ---------------------------------------------------------------- Algorithm 1
     def loop_iteration(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
         """One multi-resolution step: returns the shifted update u~^(t) on the local shard."""
+        length = state.shape[0] * (self.tp_size if self.sequence_parallel else 1)
+        if (self.recompute_loop and self.training and torch.is_grad_enabled()
+                and self.resamplers[t].num_chunks(length) > 0):  # else there is nothing to redo
+            # keep only the input state; the backward re-runs down -> core -> up -> shift
+            shifted = checkpointed(functools.partial(self._iteration_update, t), state, rotary_pos_emb)
+        else:
+            shifted = self._iteration_update(t, state, rotary_pos_emb)
+        if self.update_hook is not None:  # outside the checkpoint: called once per forward
+            self.update_hook(t, shifted)
+        return self._local_shard(shifted)
+
+    def _iteration_update(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
+        """Eq. 8-10 and 22 of iteration t on the full sequence: u~^(t) = shift(S_up(f(S_down(h))))."""
         resampler = self.resamplers[t]
         full_state = self._full_sequence(state)
         length = full_state.shape[0]
         num_latents = resampler.num_chunks(length)
         if num_latents == 0:  # sequence shorter than one chunk: nothing is causal-safe to add
-            return torch.zeros_like(state)
+            return torch.zeros_like(full_state)
         latents = resampler.downscale(full_state)  # eq. 8
         multiple = self.tp_size if self.sequence_parallel else 1
         core_input = self._local_shard(pad_to_multiple(latents, multiple))
@@ -151,10 +170,7 @@ class SpiralBlock(MegatronModule):
                                          rotary_pos_emb=core_rope)  # eq. 9
         core_output = self._full_sequence(core_output)[:num_latents]
         update = resampler.upscale(core_output, length)  # eq. 10
-        shifted = causal_shift(update, resampler.shift)  # eq. 22
-        if self.update_hook is not None:
-            self.update_hook(t, shifted)
-        return self._local_shard(shifted)
+        return causal_shift(update, resampler.shift)  # eq. 22
 
     def core_stack(self, t: int) -> TransformerBlock:
         """The core weights of iteration t: the shared stack, or pass t's own when untied."""

@@ -100,6 +100,7 @@ class SpiralGPTModel(GPTModel):
         post_process: bool = True,
         parallel_output: bool = True,
         pg_collection=None,
+        recompute_loop: bool = False,
     ) -> None:
         impl = resolve_transformer_impl(spiral.transformer_impl)
         super().__init__(
@@ -119,4 +120,5 @@ class SpiralGPTModel(GPTModel):
         self.spiral_config = spiral
         self.transformer_impl = impl
         self.decoder = SpiralBlock(
-            config, spiral, layer_spec(impl), final_norm_module(impl), pg_collection=pg_collection)
+            config, spiral, layer_spec(impl), final_norm_module(impl), pg_collection=pg_collection,
+            recompute_loop=recompute_loop)  # --spiral-recompute-loop (model/recompute.py)

@@ -19,6 +19,7 @@ from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model_args import add_model_arguments, model_config_from_args
 from megatron_spiral.presets import PRESETS
 from megatron_spiral.training.megatron_flags import add_refused_megatron_flags, refused_flags_message
+from megatron_spiral.model.recompute import RecomputeConfig, RecomputeConfigError
 
 
 def _h(text: str, **extra) -> dict:
@@ -183,6 +184,7 @@ class RunConfig:
     log: LogConfig
     data: object
     tokenizer: object
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(parser, OptimConfig, "optimizer and learning-rate schedule")
     add_dataclass_arguments(parser, CheckpointConfig, "checkpointing")
     add_dataclass_arguments(parser, LogConfig, "logging")
+    add_dataclass_arguments(parser, RecomputeConfig, "activation recomputation",
+                            "Megatron-LM's recompute flags plus --spiral-recompute-loop "
+                            "(docs/memory.md)")
     # --seq-length is the model's flag (above); the data is cut to the same length.
     # --split is defined here: Megatron-LM's default depends on whether it was given.
     data = add_dataclass_arguments(parser, DataConfig, "data", skip=("seq_length", "split"))
@@ -228,6 +233,10 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         parser.error(refused)
     args.split = resolve_split(args.split, args.data_path)
     model = model_config_from_args(args, parser.error)
+    try:
+        recompute = dataclass_from_args(RecomputeConfig, args)
+    except RecomputeConfigError as err:
+        parser.error(str(err))
     run = RunConfig(
         model=model,
         preset=args.preset,
@@ -238,6 +247,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
         log=dataclass_from_args(LogConfig, args),
         data=dataclass_from_args(DataConfig, args, seq_length=model.seq_length),
         tokenizer=dataclass_from_args(TokenizerConfig, args),
+        recompute=recompute,
     )
     problem = validate(run)
     if problem:

@@ -77,7 +77,7 @@ def pretrain(run: RunConfig) -> int:
     tokenizer = build_run_tokenizer(run)
     if tokenizer is not None:
         run.model = run.model.replace(vocab_size=tokenizer.vocab_size)
-    state = build_training_state(run.model, run.parallel, run.train, run.optim)
+    state = build_training_state(run.model, run.parallel, run.train, run.optim, run.recompute)
     _describe(run, state)
     trainer = Trainer(run, state, tokenizer, wandb_run=_wandb_run(run))
     trainer.resume()

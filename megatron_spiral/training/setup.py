@@ -62,9 +62,11 @@ def resolve_train_iters(train: TrainConfig, global_batch_size: int) -> int:
     return train.train_samples // global_batch_size
 
 
-def build_model(spiral: SpiralConfig, parallel: ParallelConfig) -> tuple:
-    """SpiralGPTModel wrapped in megatron's DDP; returns (ddp_model, transformer_config)."""
+def build_model(spiral: SpiralConfig, parallel: ParallelConfig, recompute=None) -> tuple:
+    """SpiralGPTModel wrapped in megatron's DDP; returns (ddp_model, transformer_config).
+    ``recompute``: optional RecomputeConfig (--recompute-* / --spiral-recompute-loop)."""
     bf16 = parallel.bf16
+    recompute_fields = recompute.transformer_config_overrides() if recompute is not None else {}
     config = transformer_config(
         spiral,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -72,8 +74,10 @@ def build_model(spiral: SpiralConfig, parallel: ParallelConfig) -> tuple:
         params_dtype=params_dtype(parallel),
         bf16=bf16,
         fp16=parallel.fp16,
+        **recompute_fields,
     )
-    model = SpiralGPTModel(config, spiral)
+    model = SpiralGPTModel(config, spiral,
+                           recompute_loop=bool(recompute and recompute.spiral_recompute_loop))
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
     ddp_config = DistributedDataParallelConfig(
@@ -155,10 +159,10 @@ def build_optimizer(ddp, optim: OptimConfig, parallel: ParallelConfig, train: Tr
 
 
 def build_training_state(spiral: SpiralConfig, parallel: ParallelConfig, train: TrainConfig,
-                         optim: OptimConfig) -> TrainingState:
+                         optim: OptimConfig, recompute=None) -> TrainingState:
     dp = parallel_state.get_data_parallel_world_size()
     global_batch, microbatches = batch_geometry(train, dp)
-    ddp, config = build_model(spiral, parallel)
+    ddp, config = build_model(spiral, parallel, recompute)
     optimizer, scheduler = build_optimizer(ddp, optim, parallel, train, global_batch)
     # The schedule multiplies the loss by the (dynamic) loss scale before backward (Megatron-LM's
     # wiring); without it --fp16 gradients would be divided by a scale they never got.
