@@ -99,7 +99,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, skip=("vocab_size",)) -
     group.add_argument("--use-mcore-models", action="store_true",
                        help="accepted: every model here is a megatron-core model")
     for flag in UNFUSED_FLAGS:
-        group.add_argument(flag, action="store_true", dest=flag[2:].replace("-", "_"),
+        # Megatron-LM's spellings: the fusion flags store_false into the fusion's name (default
+        # on); --no-persist-layer-norm is a plain store_true.
+        if flag == "--no-persist-layer-norm":
+            kwargs = dict(action="store_true", dest="no_persist_layer_norm")
+        else:
+            kwargs = dict(action="store_false", dest=flag[len("--no-"):].replace("-", "_"))
+        group.add_argument(flag, **kwargs,
                            help="accepted: this fusion is always off here")
     # REJECTED_FLAGS are refused by training.megatron_flags.add_refused_megatron_flags, which names
     # every refused flag of a command line in one error.

@@ -18,6 +18,7 @@ import torch
 from megatron_spiral.analysis.memory import (GIB, MemorySetup, activation_bytes, bytes_per_parameter,
                                              largest_micro_batch, memory_report, params_per_rank)
 from megatron_spiral.model.recompute import MODES, RecomputeConfig, mode_config
+from megatron_spiral.presets import PAPER_TABLE1
 from megatron_spiral.presets import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +141,7 @@ def test_fits_table_lists_every_table1_preset_per_mode():
     proc = _report("--fits-table", "--bf16", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
-    assert len(rows) == 21 and all(set(MODES) <= set(row) for row in rows)
+    assert len(rows) == len(PAPER_TABLE1) and all(set(MODES) <= set(row) for row in rows)
     by_name = {row["preset"]: row for row in rows}
     assert by_name["pythia-1.4b"]["full"] > by_name["pythia-1.4b"]["none"] >= 1
     assert by_name["spiral-b-1.4b-mesh"]["loop"] > by_name["spiral-b-1.4b-mesh"]["none"]

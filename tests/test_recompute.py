@@ -168,10 +168,10 @@ def test_recompute_activations_means_selective_and_mode_names():
 def test_pretrain_cli_accepts_and_rejects_recompute_flags():
     from megatron_spiral.training.arguments import parse_args
 
-    run = parse_args(["--mock-data", "--recompute-granularity", "full", "--recompute-method", "block",
+    run = parse_args(["--preset", "tiny", "--mock-data", "--recompute-granularity", "full", "--recompute-method", "block",
                       "--recompute-num-layers", "2", "--spiral-recompute-loop"])
     assert run.recompute.mode == "loop+full" and run.recompute.recompute_num_layers == 2
-    proc = subprocess.run([sys.executable, "pretrain_spiral.py", "--mock-data", "--recompute-granularity",
+    proc = subprocess.run([sys.executable, "pretrain_spiral.py", "--preset", "tiny", "--mock-data", "--recompute-granularity",
                            "full"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert 'recompute_method must be "block" or "uniform" (add --recompute-method uniform)' in proc.stderr

@@ -109,8 +109,11 @@ def main(argv=None) -> int:
     if args.all_presets:
         print_all_presets()
         return 0
-    # Same resolution as pretrain_spiral.py: Megatron-LM defaults (tied, ...) without --preset.
-    config = model_config_from_args(args, parser.error, require_dims=False, vocab_from_flags=True)
+    if args.fits_table and not (args.preset or args.layout or args.num_layers):
+        config = get_preset(next(iter(PAPER_TABLE1)))  # the table covers every preset; no model needed
+    else:
+        # Same resolution as pretrain_spiral.py: Megatron-LM defaults (tied, ...) without --preset.
+        config = model_config_from_args(args, parser.error, require_dims=False, vocab_from_flags=True)
     name = args.preset or "custom"
     if args.memory or args.fits_table:
         return memory_main(parser, args, name, config)
