@@ -305,13 +305,19 @@ def check_positions(position_ids, cache_position, mask, width: int, starts: Opti
 
 
 @torch.compiler.disable
-def mark_sequence_dynamic(*tensors) -> None:
-    """Under torch.compile, make dim 1 (sequence) symbolic so that a new length does not compile a
-    new graph. Dynamo refuses mark_dynamic inside traced code, so this runs outside the graph (a
-    graph break at the top of forward); the rest of forward is traced with the mark in place."""
+def mark_sequence_dynamic(*tensors) -> list:
+    """Under torch.compile, aliases of ``tensors`` with dim 1 (sequence) marked dynamic, so that a
+    new length does not compile a new graph. Dynamo refuses mark_dynamic inside traced code, so this
+    runs outside the graph (a graph break at the top of forward) and the rest of forward is traced
+    with the marks; marking aliases leaves the caller's tensors as they were (marking them would
+    flip a guard and recompile on the next identical call)."""
+    out = []
     for tensor in tensors:
         if tensor is not None and tensor.dim() >= 2:
+            tensor = tensor.view(tensor.shape)
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        out.append(tensor)
+    return out
 
 
 def take_cache_alias(cache, kwargs: dict):

@@ -462,8 +462,6 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         ``past_key_values`` is accepted for ``cache``; ``position_ids`` / ``cache_position`` are
         checked against the positions SpiralFormer uses (each row's real tokens are 0, 1, 2, ...
         continuing the cache: its chunk schedule depends on them). Any other argument raises."""
-        if torch.compiler.is_compiling():
-            mark_sequence_dynamic(input_ids, inputs_embeds, attention_mask)
         cache = take_cache_alias(cache, kwargs)
         position_ids, cache_position = kwargs.pop("position_ids", None), kwargs.pop("cache_position", None)
         reject_unknown_kwargs(kwargs)
@@ -562,8 +560,9 @@ class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
         """Logits (and the shifted next-token loss when ``labels`` are given). ``num_items_in_batch``
         (passed by Trainer under gradient accumulation) makes the loss a sum over tokens divided by
         it, as in transformers' own causal LMs, so accumulated steps average to the batch mean."""
-        if torch.compiler.is_compiling():
-            mark_sequence_dynamic(input_ids, inputs_embeds, attention_mask, labels)
+        if torch.compiler.is_compiling():  # the sequence length varies between calls: keep it symbolic
+            input_ids, inputs_embeds, attention_mask, labels = mark_sequence_dynamic(
+                input_ids, inputs_embeds, attention_mask, labels)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
