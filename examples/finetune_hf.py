@@ -16,6 +16,7 @@ output is a complete export (weights, code files, tokenizer) that loads like the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def add_lora(model, args):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise FinetuneError("--lora needs peft: pip install 'peft>=0.13'") from None
+        raise FinetuneError("--lora needs peft: pip install 'peft>=0.21,<0.22'") from None
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -151,10 +152,13 @@ def train(args, texts: List[str]) -> int:
     steps = args.max_steps
     if steps < 0:
         steps = math.ceil(args.epochs * math.ceil(len(dataset) / args.batch_size) / args.grad_accum)
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (old name deprecated)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     training = TrainingArguments(
         output_dir=args.output, max_steps=steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+        weight_decay=args.weight_decay, bf16=args.bf16, **{checkpointing: args.gradient_checkpointing},
         logging_steps=args.logging_steps, save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.cpu,
         remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=make_collator(tokenizer))
