@@ -18,6 +18,9 @@ pytest.importorskip("transformers")
 
 from hf_helpers import hf_model, one_cpu_thread, write_export  # noqa: E402, F401
 
+# the output field holding the cache: ``cache`` from transformers 5.24, ``past_key_values`` before
+CACHE_FIELD = "cache" if "cache" in __import__("transformers").modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ \
+    else "past_key_values"
 VOCAB = 59  # NullTokenizer(59): ids 0..58, <eod> = 59, <pad> = 60 (the model's vocabulary is 61)
 
 
@@ -76,14 +79,15 @@ def test_padding_columns_get_the_logits_of_a_real_token():
 # ------------------------------------------------------------------ 2. cache API of transformers 5.x
 def test_cache_kwarg_and_output_field():
     """model(x, cache=c) continues c (was: swallowed and treated as position 0); the output field is
-    ``cache``; the old ``past_key_values`` kwarg gives the same logits."""
+    ``cache`` (``past_key_values`` before transformers 5.24); the old ``past_key_values`` kwarg gives
+    the same logits."""
     model = hf_model(seed=2)
     ids = _ids((1, 20), seed=1)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = model(ids[:, :12], use_cache=True)
-        assert type(first.cache).__name__ == "SpiralCache"
-        rest = model(ids[:, 12:], cache=first.cache).logits
+        assert type(getattr(first, CACHE_FIELD)).__name__ == "SpiralCache"
+        rest = model(ids[:, 12:], cache=getattr(first, CACHE_FIELD)).logits
         old_cache = model.new_cache()
         model(ids[:, :12], past_key_values=old_cache)
         old = model(ids[:, 12:], past_key_values=old_cache).logits
@@ -117,7 +121,7 @@ tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 batch = tokenizer(["1 2 3 4 5", "6 7"], return_tensors="pt", padding=True)
 with torch.no_grad():
     out = model(**batch)
-    print(type(out.cache).__name__)
+    print(type(out.cache if "cache" in out.__dataclass_fields__ else out.past_key_values).__name__)
     print(model.generate(**batch, max_new_tokens=5, do_sample=False).shape)
 """
 
