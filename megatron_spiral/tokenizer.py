@@ -152,15 +152,43 @@ def _write_json(path: str, obj: Dict) -> str:
     return path
 
 
+# A decoder-only model's tokenizer: pad on the left, so that the last column of every row of a
+# batch is a real token and generate() continues each prompt; no token_type_ids (the model takes none).
+HF_DECODER_DEFAULTS = {"padding_side": "left", "model_input_names": ["input_ids", "attention_mask"]}
+
+
+def hf_decoder_defaults(config: Dict) -> Dict:
+    """tokenizer_config.json fields for a decoder-only model, filled in where absent: left padding,
+    no token_type_ids, and a pad token (the EOS token when the vocabulary has none)."""
+    out = dict(config)
+    for key, value in HF_DECODER_DEFAULTS.items():
+        out.setdefault(key, value)
+    if out.get("pad_token") is None and out.get("eos_token") is not None:
+        out["pad_token"] = out["eos_token"]
+    return out
+
+
+def apply_hf_decoder_defaults(directory: str) -> Optional[str]:
+    """Rewrite ``directory``/tokenizer_config.json (if any) with :func:`hf_decoder_defaults`; used on
+    tokenizer files copied from checkpoints written before these defaults existed."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    return _write_json(path, hf_decoder_defaults(config))
+
+
 def _hf_side_files(directory: str, special: Dict[str, str], tokenizer_class: str, extra: Dict) -> List[str]:
     """tokenizer_config.json + special_tokens_map.json (what transformers reads besides the model)."""
-    config = {
+    config = hf_decoder_defaults({
         "tokenizer_class": tokenizer_class,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1000000000000000019884624838656,  # transformers' "unlimited" value
         **special,
         **extra,
-    }
+    })
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config}
     return [
         _write_json(os.path.join(directory, "tokenizer_config.json"), config),
         _write_json(os.path.join(directory, "special_tokens_map.json"), dict(special)),

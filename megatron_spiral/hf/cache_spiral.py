@@ -3,7 +3,9 @@
 Copied verbatim into every export next to ``modeling_spiral.py``, which runs the equations;
 this file holds what persists between calls: per-(block, iteration, layer) KV caches, the chunk
 buffers B^(t), every compressed latent zhat^(t)_j with its allocation beta^(t)_j, per-row
-positions, and the queue of deferred coarse work (App. E, no-overlap regime).
+positions, and the queue of deferred coarse work (App. E, no-overlap regime); and the calling
+conventions of ``forward`` around them (padding -> per-row positions, position checks, argument
+names of the installed transformers, torch.compile marks).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_spiral import SpiralFormerConfig
@@ -62,7 +63,9 @@ class _KV:
             k[:, :, :cap], v[:, :, :cap] = self.k, self.v
         self.k, self.v = k, v
 
-    def attend(self, q, k, v, span: _Span, scale: float) -> torch.Tensor:
+    def update(self, k, v, span: _Span):
+        """Write the new keys/values at their absolute positions; returns what the new queries
+        attend over: (keys, values, boolean mask or None, causal)."""
         self._reserve(k, span.end)
         if span.uniform:
             p = span.start[0]
@@ -71,9 +74,8 @@ class _KV:
             self.k[span.rows, :, span.positions] = k.transpose(1, 2)
             self.v[span.rows, :, span.positions] = v.transpose(1, 2)
         if span.fresh:  # empty cache: plain causal attention over the new block
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        keys, values = self.k[:, :, :span.end], self.v[:, :, :span.end]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=span.key_mask(), scale=scale)
+            return k, v, None, True
+        return self.k[:, :, :span.end], self.v[:, :, :span.end], span.key_mask(), False
 
     def map_batch(self, fn) -> None:
         if self.k is not None:
@@ -111,6 +113,8 @@ class SpiralCache(Cache):
     """
 
     is_compileable = False
+    # Assisted / prompt-lookup decoding rolls rejected draft tokens back with crop(); the chunk
+    # buffers B^(t) keep only the last g_t states, so a rollback cannot be undone exactly.
     is_croppable = False
 
     def __init__(self, config: SpiralFormerConfig, coarse_schedule: Optional[str] = None,
@@ -163,7 +167,10 @@ class SpiralCache(Cache):
         self.reorder_cache(index)
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("SpiralCache cannot be cropped (assisted decoding is unsupported)")
+        raise NotImplementedError(
+            "SpiralCache cannot be cropped: its chunk buffers B^(t) hold only the last g_t states, so "
+            "rejected tokens cannot be rolled back. Assisted and prompt-lookup decoding need "
+            "Cache.crop(); use greedy, sampling or beam search instead.")
 
     def _map_batch(self, fn, rows: List[int]) -> None:
         self.drain()
@@ -241,3 +248,93 @@ class SpiralCache(Cache):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+# ============================================================================ calling conventions
+def compact_rows(embeds: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    """Move each row's real columns (mask 1) to the front, keeping their order: [b, K, d] ->
+    (compacted [b, K, d], real counts per row, boolean mask or None when every column is real)."""
+    width = embeds.shape[1]
+    if attention_mask is None:
+        return embeds, [width] * embeds.shape[0], None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < width:
+        raise ValueError(f"attention_mask must be [batch, columns] covering the {width} new columns, "
+                         f"got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask[:, -width:].to(device=embeds.device) != 0
+    counts = mask.sum(dim=1).tolist()
+    if all(c == width for c in counts):
+        return embeds, counts, None
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])), counts, mask
+
+
+def uncompact_rows(hidden: torch.Tensor, counts: List[int], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`compact_rows`. A padding column repeats the state of the nearest real column
+    on its left (on its right for leading padding), so its logits are those of a real token (zeros
+    would make token 0 the argmax of every pad column); a row without real columns gets zeros."""
+    if mask is None:
+        return hidden
+    slot = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # real: own slot; pad: last real before it
+    out = hidden.gather(1, slot[..., None].expand(-1, -1, hidden.shape[-1]))
+    empty = torch.tensor([c == 0 for c in counts], device=hidden.device)[:, None, None]
+    return torch.where(empty, torch.zeros_like(out), out)
+
+
+def check_positions(position_ids, cache_position, mask, width: int, starts: Optional[List[int]], seen: int) -> None:
+    """SpiralFormer's chunks depend on absolute positions, so it numbers each row's real tokens
+    0, 1, 2, ... itself (continuing the cache). ``position_ids`` / ``cache_position`` are accepted
+    when they say the same thing and refused otherwise (never silently overridden)."""
+    if cache_position is not None:
+        want = torch.arange(seen, seen + width, device=cache_position.device)
+        if cache_position.shape[-1] != width or not torch.equal(cache_position.reshape(-1)[-width:], want):
+            raise ValueError(f"cache_position must be {seen}..{seen + width - 1} (the cache holds {seen} columns)")
+    if position_ids is None:
+        return
+    device = position_ids.device
+    real = torch.ones(1, width, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+    offsets = torch.tensor(starts if starts is not None else [0], device=device)[:, None]
+    want = offsets + real.long().cumsum(dim=1) - 1
+    given = position_ids[:, -width:].to(device)
+    if given.shape[0] == 1:
+        given = given.expand_as(want)
+    real = real.expand_as(want)
+    if given.shape != want.shape or not torch.equal(given[real], want[real]):
+        raise ValueError("position_ids must number each row's real tokens 0, 1, 2, ... continuing the cache "
+                         "(SpiralFormer's chunk schedule depends on absolute positions; skip padding with "
+                         "attention_mask instead); omit position_ids to let the model number them")
+
+
+@torch.compiler.disable
+def mark_sequence_dynamic(*tensors) -> list:
+    """Under torch.compile, aliases of ``tensors`` with dim 1 (sequence) marked dynamic, so that a
+    new length does not compile a new graph. Dynamo refuses mark_dynamic inside traced code, so this
+    runs outside the graph (a graph break at the top of forward) and the rest of forward is traced
+    with the marks; marking aliases leaves the caller's tensors as they were (marking them would
+    flip a guard and recompile on the next identical call)."""
+    out = []
+    for tensor in tensors:
+        if tensor is not None and tensor.dim() >= 2:
+            tensor = tensor.view(tensor.shape)
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        out.append(tensor)
+    return out
+
+
+def take_cache_alias(cache, kwargs: dict):
+    """``past_key_values`` (transformers < 5.24's name, still used by older callers) -> ``cache``."""
+    if "past_key_values" in kwargs:
+        old = kwargs.pop("past_key_values")
+        if cache is not None and old is not None:
+            raise ValueError("pass the cache once, as cache=... (past_key_values is its old name)")
+        cache = old if cache is None else cache
+    return cache
+
+
+def reject_unknown_kwargs(kwargs: dict) -> None:
+    """No argument is silently dropped: a misspelt or unsupported one is an error."""
+    if kwargs:
+        raise TypeError(f"SpiralFormer forward() got unsupported arguments {sorted(kwargs)}; it takes "
+                        "input_ids / inputs_embeds, attention_mask, cache (or past_key_values), position_ids, "
+                        "use_cache, labels, num_items_in_batch, logits_to_keep, output_hidden_states, return_dict")
+
+

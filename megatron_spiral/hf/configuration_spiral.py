@@ -58,7 +58,7 @@ class SpiralFormerConfig(PretrainedConfig):
     """Architecture of a SpiralFormer (paper §2, App. B-F); see the module docstring."""
 
     model_type = "spiralformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # output name by transformers version
 
     def __init__(
         self,

@@ -249,6 +249,9 @@ def write_hf_directory(model, directory: str, tokenizer_dir: Optional[str] = Non
             source = os.path.join(tokenizer_dir, name)
             if os.path.isfile(source):
                 shutil.copy2(source, os.path.join(directory, name))
+        from megatron_spiral.tokenizer import apply_hf_decoder_defaults
+
+        apply_hf_decoder_defaults(directory)  # left padding + pad token, also for older checkpoints
     for name in os.listdir(directory):
         os.chmod(os.path.join(directory, name), 0o666 & ~_umask())
 

@@ -34,6 +34,7 @@ latest right before the first position that reads it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import partial
 from typing import List, Optional, Tuple
@@ -42,9 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
-from .cache_spiral import SpiralCache, _KV, _Span
+from .cache_spiral import (SpiralCache, _KV, _Span, check_positions, compact_rows, mark_sequence_dynamic,
+                           reject_unknown_kwargs, take_cache_alias, uncompact_rows)
 from .configuration_spiral import SpiralFormerConfig
 from .equations_spiral import (
     chunk_index,
@@ -66,6 +70,37 @@ from .equations_spiral import (
     mesh_read,
     apply_rotary,
 )
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.x renamed ``past_key_values`` to ``cache`` (outputs, forward and generate kwargs);
+# follow whichever name the installed version uses and accept the other one as an alias.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_GENERATE_CACHE_KWARG = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+                         else "past_key_values")
+
+
+# ============================================================================ attention
+def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
+                   dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale) v by torch's fused kernel; ``mask`` is boolean (True = attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          dropout_p=dropout)
+
+
+def eager_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """The same attention written out (attn_implementation="eager"); softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if causal:  # top-left aligned, as SDPA's is_causal (only used when queries == keys)
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
 # ============================================================================ layers
@@ -89,15 +124,12 @@ class SpiralRotary(nn.Module):
         super().__init__()
         self.dim = int(head_dim * percent) if percent < 1.0 else head_dim
         self.base = base
-        self._inv_freq = {}
 
     def forward(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions [b, K] -> cos, sin [b, 1, K, rot] (float32)."""
-        inv = self._inv_freq.get(positions.device)
-        if inv is None:
-            inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
-                                                    device=positions.device) / self.dim))
-            self._inv_freq[positions.device] = inv
+        # Recomputed per call (rot/2 values): no per-device state for torch.compile to guard on.
+        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32,
+                                                device=positions.device) / self.dim))
         freqs = positions.float().unsqueeze(-1) * inv
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
@@ -113,6 +145,7 @@ class SpiralAttention(nn.Module):
         d = config.hidden_size
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                     config.head_dim)
+        self.config = config  # read at call time: set_attn_implementation() may switch it
         self.dropout = config.attention_dropout
         self.qkv_proj = nn.Linear(d, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=config.linear_bias)
@@ -127,11 +160,10 @@ class SpiralAttention(nn.Module):
         if self.kv_heads != self.heads:
             k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
-        if kv is None:
-            dropout = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout)
-        else:
-            out = kv.attend(q, k, v, span, scale)
+        keys, values, mask, causal = (k, v, None, True) if kv is None else kv.update(k, v, span)
+        dropout = self.dropout if self.training else 0.0
+        attend = ATTENTION_FUNCTIONS.get(self.config._attn_implementation, sdpa_attention)
+        out = attend(q, keys, values, mask, causal, scale, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, k_len, -1))
 
 
@@ -154,7 +186,7 @@ class SpiralMLP(nn.Module):
         return self.fc2(F.gelu(hidden))
 
 
-class SpiralLayer(nn.Module):
+class SpiralLayer(GradientCheckpointingLayer):
     """Pre-norm GPT-NeoX block: x + Drop(Attn(Norm(x))), then + Drop(MLP(Norm(.))) (megatron's
     hidden dropout sits on each branch before the residual add)."""
 
@@ -230,8 +262,13 @@ class SpiralFormerPreTrainedModel(PreTrainedModel):
     config_class = SpiralFormerConfig
     base_model_prefix = "model"
     _no_split_modules = ["SpiralLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    supports_gradient_checkpointing = False
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    supports_gradient_checkpointing = True  # per SpiralLayer call (GradientCheckpointingLayer)
+    _supports_sdpa = True  # "sdpa" (default) and "eager" give equal logits
+    # Not declared: cached decoding attends with per-row boolean masks, which the flash / flex
+    # kernels do not take; from_pretrained(attn_implementation=...) raises transformers' own error.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -270,6 +307,7 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         self.final_norm = SpiralNorm(config.hidden_size, config.layer_norm_eps,
                                      config.normalization == "RMSNorm")
         self.rotary = SpiralRotary(config.head_dim, config.rotary_percent, config.rotary_base)
+        self.gradient_checkpointing = False  # toggled by gradient_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -278,9 +316,9 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings x, times sqrt(d) under embedding_scale='sqrt_d' (MeSH paper App. B)."""
-        x = self.embed_tokens(input_ids)
+    def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings x (inputs_embeds are unscaled too), times sqrt(d) under
+        embedding_scale='sqrt_d' (MeSH paper App. B)."""
         multiplier = self.config.embedding_multiplier
         return x if multiplier == 1.0 else x * multiplier
 
@@ -293,27 +331,38 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
             return self.mesh.update(u_tilde, h, carrier, t)
         return anchor_update(u_tilde, carrier), carrier
 
-    def _blocks(self, hidden, span=None, cache=None):
-        """Algorithm 1 lines 1-10 around a per-iteration step (full or cached)."""
+    def _blocks(self, hidden, span=None, cache=None, states: Optional[list] = None):
+        """Algorithm 1 lines 1-10 around a per-iteration step (full or cached). With ``states``
+        (output_hidden_states) it appends the full-resolution state after the embeddings, each
+        f_pre layer, each loop iteration t (h^(t+1), after the topology update) and each f_post
+        layer; the last entry is replaced by the final-norm output, as in transformers' models."""
+        record = states.append if states is not None else (lambda _: None)
         positions = span.positions if span is not None else torch.arange(
             hidden.shape[1], device=hidden.device)[None]
         cos, sin = self.rotary(positions)
         x, h = hidden, hidden
+        record(h)
         for n, layer in enumerate(self.pre_layers):
             h = layer(h, cos, sin, None if cache is None else cache.pre[n], span)
+            record(h)
         if self.config.num_iterations:
             h, carrier = self._topology_init(x, h)
             for t in range(self.config.num_iterations):
                 u = self._step_full(t, h) if cache is None else self._step_cached(t, h, span, cache)
                 h, carrier = self._topology_update(u, h, carrier, t)  # eq. 11
+                record(h)
         for n, layer in enumerate(self.post_layers):
             h = layer(h, cos, sin, None if cache is None else cache.post[n], span)
-        return self.final_norm(h)
+            record(h)
+        h = self.final_norm(h)
+        if states is not None:
+            states[-1] = h
+        return h
 
     # ------------------------------------------------------------ Algorithm 1
-    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward_full(self, inputs_embeds: torch.Tensor, states: Optional[list] = None) -> torch.Tensor:
         """Hidden states [b, L, d] of rows whose real tokens are positions 0..L-1."""
-        return self._blocks(self.embed_dropout(self._embed(input_ids)))
+        return self._blocks(self.embed_dropout(self._scale_embeddings(inputs_embeds)), states=states)
 
     def _core(self, z: torch.Tensor, t: int, span: Optional[_Span] = None, cache=None) -> torch.Tensor:
         """f_loop on the compressed sequence (eq. 9); RoPE position = chunk index."""
@@ -335,18 +384,20 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         return causal_shift(u, res.s)  # eq. 22
 
     # ------------------------------------------------------------ Algorithm 2
-    def forward_cached(self, input_ids: torch.Tensor, counts: List[int], cache: SpiralCache) -> torch.Tensor:
-        """Extend every row by counts[b] tokens (slots 0..counts[b]-1 of ``input_ids``); returns the
-        hidden states of those tokens. One call with K > 1 is a batched prefill; K = 1 a decode step."""
-        b, width = input_ids.shape
+    @torch.compiler.disable  # per-row Python bookkeeping: runs eagerly inside a compiled model
+    def forward_cached(self, inputs_embeds: torch.Tensor, counts: List[int], cache: SpiralCache,
+                       states: Optional[list] = None) -> torch.Tensor:
+        """Extend every row by counts[b] tokens (slots 0..counts[b]-1 of ``inputs_embeds``); returns
+        the hidden states of those tokens. One call with K > 1 is a batched prefill; K = 1 a decode step."""
+        b, width = inputs_embeds.shape[:2]
         if cache.lengths is None:
             cache.lengths = [0] * b
         elif len(cache.lengths) != b:
             raise ValueError(f"the cache holds {len(cache.lengths)} rows but the input has {b}")
         if width > 1:
             cache.drain()
-        span = _Span(cache.lengths, counts, width, input_ids.device)
-        hidden = self._blocks(self.embed_dropout(self._embed(input_ids)), span, cache)
+        span = _Span(cache.lengths, counts, width, inputs_embeds.device)
+        hidden = self._blocks(self.embed_dropout(self._scale_embeddings(inputs_embeds)), span, cache, states)
         cache.lengths = [p + c for p, c in zip(cache.lengths, counts)]
         return hidden
 
@@ -432,49 +483,57 @@ class SpiralFormerModel(SpiralFormerPreTrainedModel):
         return torch.where(has[..., None], u, torch.zeros_like(u))
 
     # ------------------------------------------------------------ HF entry point
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
-                inputs_embeds=None, return_dict=None, **kwargs):
-        if input_ids is None:
-            raise ValueError("SpiralFormer needs input_ids (inputs_embeds are not supported)")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        ids, counts, order = _compact(input_ids, attention_mask)
-        if past_key_values is not None or use_cache:
-            if past_key_values is None:
-                past_key_values = SpiralCache(self.config)
-            elif not isinstance(past_key_values, SpiralCache):
+    def _resolve_use_cache(self, use_cache: Optional[bool], cache) -> bool:
+        if cache is not None:
+            return True
+        if use_cache is None:
+            # Training and compiled scoring run Algorithm 1; a cache is built only for inference.
+            use_cache = self.config.use_cache and not self.training and not torch.compiler.is_compiling()
+        if use_cache and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; running without a cache.")
+            use_cache = False
+        return use_cache
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, use_cache=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        """Hidden states of ``input_ids`` (or ``inputs_embeds``); with a cache, Algorithm 2.
+
+        ``past_key_values`` is accepted for ``cache``; ``position_ids`` / ``cache_position`` are
+        checked against the positions SpiralFormer uses (each row's real tokens are 0, 1, 2, ...
+        continuing the cache: its chunk schedule depends on them). Any other argument raises."""
+        cache = take_cache_alias(cache, kwargs)
+        position_ids, cache_position = kwargs.pop("position_ids", None), kwargs.pop("cache_position", None)
+        reject_unknown_kwargs(kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError("SpiralFormer does not return attention weights (output_attentions=True); "
+                             "tools/probe_attention.py measures its attention patterns instead")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        use_cache = self._resolve_use_cache(use_cache, cache)
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        width = embeds.shape[1]
+        embeds, counts, mask = compact_rows(embeds, attention_mask)
+        states = [] if output_hidden_states else None
+        if use_cache:
+            if cache is None:
+                cache = SpiralCache(self.config)
+            elif not isinstance(cache, SpiralCache):
                 raise TypeError(f"SpiralFormer decodes with its own SpiralCache (Algorithm 2), got "
-                                f"{type(past_key_values).__name__}; pass past_key_values=None")
-            hidden = self.forward_cached(ids, counts, past_key_values)
-            past_key_values.seen_tokens += input_ids.shape[1]
+                                f"{type(cache).__name__}; pass cache=model.new_cache() or cache=None")
+            check_positions(position_ids, cache_position, mask, width, cache.lengths, cache.seen_tokens)
+            hidden = self.forward_cached(embeds, counts, cache, states)
+            cache.seen_tokens += width
         else:
-            hidden = self.forward_full(ids)
-        hidden = _uncompact(hidden, counts, order)
-        return BaseModelOutputWithPast(last_hidden_state=hidden,
-                                       past_key_values=past_key_values if use_cache else None)
-
-
-def _compact(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
-    """Move each row's real tokens (mask 1) to the front, keeping their order."""
-    width = input_ids.shape[1]
-    if attention_mask is None:
-        return input_ids, [width] * input_ids.shape[0], None
-    if attention_mask.dim() != 2 or attention_mask.shape[1] < width:
-        raise ValueError("attention_mask must be [batch, columns] and cover the new input_ids")
-    mask = attention_mask[:, -width:].to(device=input_ids.device) != 0
-    counts = mask.sum(dim=1).tolist()
-    if all(c == width for c in counts):
-        return input_ids, counts, None
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return input_ids.gather(1, order), counts, order
-
-
-def _uncompact(hidden: torch.Tensor, counts: List[int], order: Optional[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`_compact` for hidden states; padding columns get zeros."""
-    if order is None:
-        return hidden
-    valid = torch.arange(hidden.shape[1], device=hidden.device)[None] < torch.tensor(counts, device=hidden.device)[:, None]
-    hidden = torch.where(valid[..., None], hidden, torch.zeros_like(hidden))
-    return torch.zeros_like(hidden).scatter(1, order[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+            check_positions(position_ids, cache_position, mask, width, None, 0)
+            hidden = self.forward_full(embeds, states)
+        hidden = uncompact_rows(hidden, counts, mask)
+        if states is not None:
+            states = tuple(uncompact_rows(h, counts, mask) for h in states)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states,
+                                      **{_CACHE_FIELD: cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
 
 
 class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
@@ -503,24 +562,53 @@ class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not build a DynamicCache; forward creates a SpiralCache
+        return False  # generate() must not build a DynamicCache; a SpiralCache is made below
 
     def new_cache(self, coarse_schedule: Optional[str] = None, max_length: Optional[int] = None) -> SpiralCache:
         """An empty Algorithm-2 cache ('inline', 'deferred' or 'background' coarse work);
-        ``max_length`` (prompt + new tokens) allocates the caches once, avoiding growth copies."""
+        ``max_length`` (prompt + new tokens) allocates the caches once, avoiding growth copies.
+        Pass it as ``model(..., cache=c)`` or ``model.generate(..., cache=c)``."""
         return SpiralCache(self.config, coarse_schedule, max_length)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate(): start from a SpiralCache sized for generate's maximum length."""
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        """generate(): use the caller's SpiralCache or start one sized for generate's maximum length;
+        refuse what SpiralCache cannot do instead of ignoring it."""
+        mode = kwargs.get("generation_mode", args[0] if args else None)
+        if "assisted" in str(getattr(mode, "value", mode)):
+            raise ValueError("assisted / prompt-lookup decoding needs a cache that can crop() rejected draft "
+                             "tokens; SpiralCache cannot (its chunk buffers keep only the last g_t states). "
+                             "Use greedy, sampling or beam search.")
+        if generation_config.cache_implementation is not None:
+            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} is not supported: "
+                             "SpiralFormer decodes with its own SpiralCache (Algorithm 2), made automatically; "
+                             "pass cache=model.new_cache(coarse_schedule=..., max_length=...) to configure it")
+        user = model_kwargs.pop("past_key_values", None)
+        user = model_kwargs.get("cache", None) if user is None else user
+        if user is not None:
+            if not isinstance(user, SpiralCache):
+                raise TypeError(f"generate() got a {type(user).__name__}; SpiralFormer needs a SpiralCache: "
+                                "pass cache=model.new_cache()")
+            model_kwargs.pop("cache", None)
+            model_kwargs[_GENERATE_CACHE_KWARG] = user
+            return
+        if generation_config.use_cache is False:
             return
         length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
-        model_kwargs["past_key_values"] = SpiralCache(self.config, max_length=(length or 0) + 1)
+        model_kwargs[_GENERATE_CACHE_KWARG] = SpiralCache(self.config, max_length=(length or 0) + 1)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None,
-                labels=None, logits_to_keep=0, return_dict=None, **kwargs):
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, output_hidden_states=None, output_attentions=None,
+                return_dict=None, num_items_in_batch=None, **kwargs):
+        """Logits (and the shifted next-token loss when ``labels`` are given). ``num_items_in_batch``
+        (passed by Trainer under gradient accumulation) makes the loss a sum over tokens divided by
+        it, as in transformers' own causal LMs, so accumulated steps average to the batch mean."""
+        if torch.compiler.is_compiling():  # the sequence length varies between calls: keep it symbolic
+            input_ids, inputs_embeds, attention_mask, labels = mark_sequence_dynamic(
+                input_ids, inputs_embeds, attention_mask, labels)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                             return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -529,22 +617,13 @@ class SpiralFormerForCausalLM(SpiralFormerPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
         return out if return_dict is not False else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      use_cache=True, logits_to_keep=None, **kwargs):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            input_ids = input_ids[:, past_key_values.get_seq_length():]
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "past_key_values": past_key_values, "use_cache": use_cache}
-        if logits_to_keep is not None:
-            inputs["logits_to_keep"] = logits_to_keep
-        return inputs
-
     @staticmethod
-    def _reorder_cache(past_key_values, beam_idx):
-        past_key_values.reorder_cache(beam_idx)
-        return past_key_values
+    def _reorder_cache(cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
