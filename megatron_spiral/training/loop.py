@@ -10,7 +10,7 @@ from megatron_spiral.training.arguments import RunConfig
 from megatron_spiral.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from megatron_spiral.training.logger import TrainingLogger, loop_diagnostics, print_rank_0
 from megatron_spiral.training.signals import ExitSignalHandler
-from megatron_spiral.training.step import any_rank, evaluate, train_step
+from megatron_spiral.training.step import TrainingStopped, any_rank, evaluate, train_step
 
 
 class Trainer:
@@ -28,6 +28,7 @@ class Trainer:
         self.start_time = time.time()
         self.last_validation_loss: Optional[float] = None
         self.losses = []
+        self.consecutive_skips = 0
 
     def resume(self) -> None:
         ckpt = self.run.checkpoint
@@ -76,10 +77,11 @@ class Trainer:
                                 state.optimizer.param_groups[0]["lr"], state.global_batch_size,
                                 result.grad_norm, state.skipped_iterations, state.nan_iterations,
                                 diagnostics)
-            if state.skipped_iterations > train.max_skipped_iters and not result.finite:
-                raise RuntimeError(
-                    f"iteration {state.iteration}: more than {train.max_skipped_iters} steps skipped "
-                    "for NaN/Inf; stopping. Lower --lr or inspect the data.")
+            self.consecutive_skips = 0 if result.finite else self.consecutive_skips + 1
+            if self.consecutive_skips > train.max_skipped_iters:
+                raise TrainingStopped(
+                    f"iteration {state.iteration}: more than {train.max_skipped_iters} consecutive steps "
+                    "skipped for NaN/Inf (--max-skipped-iters); stopping. Lower --lr or inspect the data.")
             if valid_iterator is not None and train.eval_interval and state.iteration % train.eval_interval == 0:
                 self.validate(valid_iterator)
             ckpt = self.run.checkpoint

@@ -22,6 +22,10 @@ class NonFiniteError(RuntimeError):
     """Raised under --nan-policy stop when a step's loss or gradients are NaN/Inf."""
 
 
+class TrainingStopped(RuntimeError):
+    """The loop gave up (e.g. too many consecutive skipped steps); the message says why."""
+
+
 @dataclass
 class StepResult:
     loss: float
