@@ -24,7 +24,7 @@ def build_run_tokenizer(run):
 
 def build_iterators(run, state, tokenizer):
     """(train, valid) micro-batch iterators for this data-parallel rank, resumed at the state's
-    consumed samples. Valid is None when the split has no validation data."""
+    consumed train and validation samples. Valid is None when the split has no validation data."""
     train = run.train
     num_samples = megatron_num_samples(train.train_iters, train.eval_iters, train.eval_interval,
                                        state.global_batch_size)
@@ -33,5 +33,6 @@ def build_iterators(run, state, tokenizer):
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples,
     )
     return train_iter, valid_iter

@@ -10,20 +10,16 @@ collective, a worker that does not stop), so torchrun sees the failure and stops
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import sys
 import threading
 import traceback
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
+
+from megatron_spiral.diskspace import DiskFullError, is_disk_full
 
 EXIT_WATCHDOG_SECONDS = 10.0
 INTERRUPTED = 130
-
-
-class DiskFullError(OSError):
-    """A write failed for lack of space; the message says where and how much was needed."""
 
 
 def _known_error_types() -> tuple:
@@ -42,38 +38,6 @@ def _known_error_types() -> tuple:
         except Exception:  # noqa: BLE001
             pass
     return tuple(known)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also when torch's zip writer reports it as a RuntimeError."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err)
-        if "No space left on device" in text or "Disk quota exceeded" in text or (
-                "inline_container" in text and "file write failed" in text):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def free_bytes(path: str) -> Optional[int]:
-    """Free space of the filesystem holding ``path`` (or its nearest existing parent)."""
-    path = os.path.abspath(path)
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def disk_full_error(what: str, where: str, needed_bytes: Optional[int]) -> DiskFullError:
-    free = free_bytes(where)
-    need = f"about {needed_bytes / 2**20:,.1f} MiB needed" if needed_bytes else "size unknown"
-    have = f"{free / 2**20:,.1f} MiB free" if free is not None else "free space unknown"
-    return DiskFullError(errno.ENOSPC, f"disk full while {what} under {where} ({need}, {have} on that "
-                                       "filesystem); free space there or point the flag elsewhere")
 
 
 def _is_peer_failure(err: BaseException) -> bool:

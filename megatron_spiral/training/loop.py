@@ -29,12 +29,16 @@ class Trainer:
         self.last_validation_loss: Optional[float] = None
         self.losses = []
         self.consecutive_skips = 0
+        self.loaded_iteration: Optional[int] = None
 
     def resume(self) -> None:
         ckpt = self.run.checkpoint
         if not ckpt.load:
             return
-        directory = load_training_checkpoint(self.state, ckpt.load, load_optimizer=not ckpt.no_load_optim)
+        directory = load_training_checkpoint(self.state, ckpt.load, options=ckpt, tokenizer=self.tokenizer)
+        if directory is None:
+            return  # nothing there: a fresh start (the log says so)
+        self.loaded_iteration = self.state.iteration
         print_rank_0(f" > loaded checkpoint {directory} at iteration {self.state.iteration} "
                      f"({self.state.consumed_train_samples} consumed samples)")
 
@@ -92,8 +96,8 @@ class Trainer:
             if exit_reason:
                 reason = exit_reason
                 break
-        if saved_at != state.iteration:
-            self.save()
+        if saved_at != state.iteration and state.iteration != self.loaded_iteration:
+            self.save()  # (a relaunch of a finished run does not re-publish the checkpoint it loaded)
         print_rank_0(f" > training stopped at iteration {state.iteration}: {reason}")
         self.logger.close()
         if self.signal_handler is not None:

@@ -34,6 +34,7 @@ class TrainingState:
     global_batch_size: int
     iteration: int = 0
     consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0      # Megatron-LM's counter: validation resumes where it was
     skipped_iterations: int = 0
     nan_iterations: int = 0
 
