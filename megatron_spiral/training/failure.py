@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import traceback
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from megatron_spiral.diskspace import DiskFullError, is_disk_full
 
@@ -69,7 +69,7 @@ def _arm_exit_watchdog(status: int, seconds: float) -> None:
 
 
 def run_guarded(fn: Callable[[], int], prog: str = "pretrain_spiral.py",
-                watchdog_seconds: float = EXIT_WATCHDOG_SECONDS) -> int:
+                watchdog_seconds: Optional[float] = EXIT_WATCHDOG_SECONDS) -> int:
     """Run ``fn``; on any failure print one message and return a non-zero status (argparse's
     SystemExit passes through unchanged)."""
     try:
@@ -84,5 +84,6 @@ def run_guarded(fn: Callable[[], int], prog: str = "pretrain_spiral.py",
             traceback.print_exception(err, file=sys.stderr)
         print(f"{prefix}{prog}: error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        _arm_exit_watchdog(status, watchdog_seconds)
+        if watchdog_seconds is not None:
+            _arm_exit_watchdog(status, watchdog_seconds)
         return status
