@@ -50,7 +50,7 @@ def kill_once(save_dir: str, iters: int, during_save: bool, max_wait: float, rng
     proc = subprocess.Popen(run_line(save_dir, iters), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=_env(), start_new_session=True)
     start = time.time()
-    deadline = start + (max_wait if during_save else rng.uniform(2.0, max_wait))
+    deadline = start + (max_wait if during_save else rng.uniform(0.25 * max_wait, max_wait))
     children = []
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--during-save-fraction", type=float, default=0.5,
                         help="fraction of kills aimed at an ongoing save")
     parser.add_argument("--train-iters", type=int, default=40)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="latest kill instant after a start (s)")
+    parser.add_argument("--max-wait", type=float, default=None,
+                        help="latest kill instant after a start in seconds (default: the reference run's wall time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -128,14 +129,18 @@ def main(argv=None) -> int:
     os.makedirs(work)
     ref, test = os.path.join(work, "reference"), os.path.join(work, "killed")
 
+    began = time.time()
     done = subprocess.run(run_line(ref, args.train_iters), capture_output=True, text=True, env=_env())
     if done.returncode:
         print(done.stderr[-3000:])
         return 1
+    max_wait = args.max_wait or (time.time() - began)
+    print(f"reference run: {time.time() - began:.1f} s; kills fall in [{0.25 * max_wait:.1f}, {max_wait:.1f}] s "
+          "after each launch (or as soon as a save is under way)", flush=True)
     unloadable, leftovers_total, kills, during = 0, 0, 0, 0
     for k in range(args.kills):
         aim = rng.random() < args.during_save_fraction
-        seconds, saving, finished, leftovers = kill_once(test, args.train_iters, aim, args.max_wait, rng)
+        seconds, saving, finished, leftovers = kill_once(test, args.train_iters, aim, max_wait, rng)
         if finished:
             print(f"kill {k + 1:2d}: the run finished before the kill; restarting the count")
             shutil.rmtree(test)
