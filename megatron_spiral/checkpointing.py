@@ -355,6 +355,36 @@ def _state_bytes(sharded_state_dict) -> int:
     return total
 
 
+def _die_with_parent() -> None:
+    """Process initializer (Linux): get SIGKILL when the parent dies, however it dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_WRITER_MANAGER = []  # keeps our Manager alive for the process's lifetime
+
+
+def _writer_queue_dies_with_us() -> None:
+    """dist_checkpointing's file writer creates, on the first save, a multiprocessing Manager whose
+    server process outlives a SIGKILLed trainer (found left behind after kill -9). Give it one we
+    started with PDEATHSIG instead, in the context megatron-core would use."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fs_async
+
+    if fs_async._results_queue is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=fs_async.mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    _WRITER_MANAGER.append(manager)
+    fs_async._results_queue = manager.Queue()
+
+
 def save_sharded_checkpoint(save_dir: str, iteration: int, sharded_state_dict: dict, model_config: dict,
                             tokenizer=None, **metadata) -> str:
     """Save ``sharded_state_dict`` (at least {"model": ...}) as ``iter_{iteration}`` atomically.
@@ -375,6 +405,7 @@ def save_sharded_checkpoint(save_dir: str, iteration: int, sharded_state_dict: d
     free = free_bytes(save_dir)
     if free is not None and needed > free:  # every rank sees the same totals: all refuse together
         raise disk_full_error("saving checkpoint iteration " + str(iteration), save_dir, needed, "--save")
+    _writer_queue_dies_with_us()
     try:
         dist_checkpointing.save(sharded_state_dict, staging)
     except BaseException as err:

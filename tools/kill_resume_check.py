@@ -35,11 +35,13 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
-def _saving(save_dir: str) -> bool:
+def _staging(save_dir: str) -> set:
+    """(name, inode) of the save directories under way (an inode tells a new save from a leftover)."""
     try:
-        return any(n.startswith((".tmp_iter_", ".old_iter_")) for n in os.listdir(save_dir))
+        names = [n for n in os.listdir(save_dir) if n.startswith((".tmp_iter_", ".old_iter_"))]
+        return {(n, os.stat(os.path.join(save_dir, n)).st_ino) for n in names}
     except FileNotFoundError:
-        return False
+        return set()
 
 
 def kill_once(save_dir: str, iters: int, during_save: bool, max_wait: float, rng: random.Random):
@@ -50,6 +52,7 @@ def kill_once(save_dir: str, iters: int, during_save: bool, max_wait: float, rng
     proc = subprocess.Popen(run_line(save_dir, iters), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=_env(), start_new_session=True)
     start = time.time()
+    leftover_staging = _staging(save_dir)
     deadline = start + (max_wait if during_save else rng.uniform(0.25 * max_wait, max_wait))
     children = []
     while time.time() < deadline and proc.poll() is None:
@@ -57,17 +60,31 @@ def kill_once(save_dir: str, iters: int, during_save: bool, max_wait: float, rng
             children = psutil.Process(proc.pid).children(recursive=True) or children
         except psutil.NoSuchProcess:
             break
-        if during_save and _saving(save_dir):
+        if during_save and _staging(save_dir) - leftover_staging:
             time.sleep(rng.uniform(0.0, 0.05))
             break
         time.sleep(0.005 if during_save else 0.05)
     finished = proc.poll() is not None
-    saving = _saving(save_dir)
+    saving = bool(_staging(save_dir) - leftover_staging)
     if not finished:
         proc.kill()
     proc.wait()
-    time.sleep(6.0)  # loader workers notice their parent is gone within ~5 s
-    leftovers = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    def alive():
+        out = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    for _ in range(150):  # loader workers notice their parent is gone within ~5 s
+        if not alive():
+            break
+        time.sleep(0.1)
+    leftovers = alive()
     return time.time() - start, saving, finished, leftovers
 
 

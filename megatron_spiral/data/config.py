@@ -153,7 +153,7 @@ class PreprocessConfig:
     max_document_bytes: int = field(
         default=32 * 2**20,
         metadata={"help": "Refuse (or with --skip-long-documents skip) a JSON line longer than this many "
-                  "bytes: tokenizing one takes ~100x its size in memory."},
+                  "bytes: tokenizing a line takes many times its size in memory."},
     )
     skip_long_documents: bool = field(
         default=False,
