@@ -6,7 +6,8 @@
         --tokenizer-model 20B_tokenizer.json --bf16 --save ckpt --load ckpt ...
     python pretrain_spiral.py --preset tiny --mock-data --train-iters 20     # one CPU process
 
-Run ``--help`` for every flag (Megatron's names).
+Run ``--help`` for every flag (Megatron's names). Any failure prints one ``error:`` line naming
+what failed and exits non-zero on every rank within seconds (megatron_spiral/training/failure.py).
 """
 
 import sys
@@ -19,9 +20,9 @@ quiet_backend_warnings()  # the run states its layer spec instead (" > model: ..
 def main(argv=None) -> int:
     from megatron_spiral.training.arguments import parse_args
     from megatron_spiral.training.entry import pretrain
+    from megatron_spiral.training.failure import run_guarded
 
-    run = parse_args(argv)
-    return pretrain(run)
+    return run_guarded(lambda: pretrain(parse_args(argv)))
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer may spawn processes: keep the guard

@@ -65,7 +65,11 @@ def add_dataclass_arguments(
             help_text += f" (default: {shown_default})"
         kwargs: dict = {"dest": field.name, "help": help_text, "default": default}
         names = [meta.get("flag", flag_name(field.name))]
-        if tp is bool:
+        if tp is bool and field.name.startswith("no_"):
+            # Megatron's negative flags (--no-load-optim): BooleanOptionalAction would read any
+            # "--no-..." spelling as False, i.e. ignore the flag.
+            kwargs["action"] = "store_true"
+        elif tp is bool:
             # --flag / --no-flag, as Megatron users expect both spellings to work.
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):

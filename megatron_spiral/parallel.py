@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -63,6 +65,10 @@ def initialize_parallel(
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+    # Python's and numpy's generators too, as Megatron-LM's _set_random_seed: they are checkpointed,
+    # and an unseeded one makes two identical runs save different checkpoints.
+    random.seed(seed)
+    np.random.seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 

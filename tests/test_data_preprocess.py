@@ -147,7 +147,6 @@ BAD = [
     (b'{"title": "no text key"}', "missing key"),
     (b'{"text": 42}', "non-string value"),
     (b'{"text": "bad \xff\xfe bytes"}', "invalid UTF-8"),
-    (b'{"text": "   "}', "empty document"),
     (b'["not", "an", "object"]', "not a JSON object"),
     (b'{"text": "lone \\ud800 surrogate"}', "invalid UTF-8"),
 ]
@@ -173,7 +172,7 @@ def test_skip_bad_lines_counts_them(tmp_path, tok_cfg):
     assert summary.skipped["invalid_utf8"] == 2 and summary.skipped["missing_key"] == 1
     assert [ex.line for ex in summary.examples] == list(range(4, 4 + len(BAD)))
     text = summary.format()
-    assert "skipped    : 7 bad line(s)" in text and "malformed JSON: 1" in text
+    assert "skipped    : 6 bad line(s)" in text and "malformed JSON: 1" in text
     tok = build_tokenizer(tok_cfg)
     _, docs = read_dataset(str(tmp_path / "out" / "ds_text_document"))
     assert docs == [tok.tokenize(r["text"]) + [tok.eod] for r in recs]
@@ -275,3 +274,112 @@ def test_input_errors(tmp_path, tok_cfg):
     with pytest.raises(PreprocessError, match="not a directory"):
         run_preprocess(PreprocessConfig(input=[str(arr)], output_prefix=str(tmp_path) + "/"), tok_cfg)
     assert outputs(tmp_path) == []
+
+
+def test_empty_documents_are_dropped_and_counted_like_megatron(tmp_path, tok_cfg):
+    """Megatron-LM's encode() keeps a document with no tokens as a document without sequences (no
+    EOD either) and goes on; strict mode must not stop on it."""
+    recs = make_records(5)
+    path = write_lines(tmp_path / "in.jsonl", recs[:2] + [{"text": ""}] + recs[2:])
+    summary = run(tmp_path, tok_cfg, [path], append_eod=True)
+    assert summary.empty == 1 and summary.documents == 6
+    assert "1 empty (no tokens" in summary.format()
+    tok = build_tokenizer(tok_cfg)
+    ds, docs = read_dataset(str(tmp_path / "out" / "ds_text_document"))
+    assert docs == [tok.tokenize(r["text"]) + [tok.eod] for r in recs]  # sequences: the 5 real ones
+    assert ds.document_indices.tolist() == [0, 1, 2, 2, 3, 4, 5]  # the empty document has no sequence
+
+
+def _punkt_for_tests(monkeypatch):
+    """An untrained punkt (NLTK's defaults): the trained model may not be installed here."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    import megatron_spiral.data.sentences as sentences
+
+    monkeypatch.setattr(sentences, "load_punkt", lambda lang="english": PunktSentenceTokenizer())
+    return PunktSentenceTokenizer()
+
+
+@pytest.mark.parametrize("keep_newlines", [False, True])
+def test_split_sentences_writes_one_sequence_per_sentence(tmp_path, tok_cfg, monkeypatch, keep_newlines):
+    punkt = _punkt_for_tests(monkeypatch)
+    texts = ["First one here. Second one follows!\nThird line? Yes.", "Single sentence", ""]
+    path = write_lines(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    summary = run(tmp_path, tok_cfg, [path], append_eod=True, split_sentences=True, keep_newlines=keep_newlines)
+    tok = build_tokenizer(tok_cfg)
+    from megatron_spiral.data.sentences import sentence_splitter
+
+    splitter = sentence_splitter(keep_newlines, punkt=punkt)
+    expected_docs = []
+    for t in texts:
+        seqs = [tok.tokenize(s) for s in splitter.tokenize(t)]
+        seqs = [s for s in seqs if s]
+        if seqs:
+            seqs[-1] = seqs[-1] + [tok.eod]
+        expected_docs.append(seqs)
+    ds, seqs = read_dataset(str(tmp_path / "out" / "ds_text_sentence"))
+    assert seqs == [s for d in expected_docs for s in d]
+    assert len(expected_docs[0]) == 4  # the first text really was split
+    counts = [len(d) for d in expected_docs]
+    assert ds.document_indices.tolist() == [0, counts[0], counts[0] + 1, counts[0] + 1]
+    assert summary.empty == 1
+    if keep_newlines:  # the newline stays inside a sentence instead of being dropped by punkt
+        assert any("\n" in s for s in splitter.tokenize(texts[0]))
+
+
+def test_split_sentences_without_punkt_says_how_to_get_it(tmp_path, tok_cfg, monkeypatch):
+    import megatron_spiral.data.sentences as sentences
+
+    def missing(lang="english"):
+        raise sentences.SentenceSplitError(sentences.PUNKT_HELP)
+
+    monkeypatch.setattr(sentences, "load_punkt", missing)
+    path = write_lines(tmp_path / "in.jsonl", make_records(2))
+    with pytest.raises(PreprocessError, match="nltk.downloader punkt_tab"):
+        run(tmp_path, tok_cfg, [path], split_sentences=True)
+    assert outputs(tmp_path) == []
+
+
+def test_truncated_zst_is_an_error_even_with_skip_bad_lines(tmp_path, tok_cfg):
+    path = write_lines(tmp_path / "in.jsonl.zst", make_records(400))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"in.jsonl.zst is truncated: .* compressed byte [\d,]+"):
+        run(tmp_path, tok_cfg, [path], skip_bad_lines=True)
+    assert outputs(tmp_path) == []
+    with open(path, "wb") as f:  # corrupt frame content
+        f.write(data[:40] + bytes(64) + data[104:])
+    with pytest.raises(InputError, match="in.jsonl.zst is (corrupt|truncated)"):
+        run(tmp_path, tok_cfg, [path], skip_bad_lines=True)
+
+
+def test_long_lines_refused_or_skipped(tmp_path, tok_cfg):
+    recs = make_records(4)
+    big = {"text": "word " * 300_000}  # ~1.5 MB
+    path = write_lines(tmp_path / "in.jsonl", recs[:2] + [big] + recs[2:])
+    limit = 2**20
+    with pytest.raises(InputError, match=r"in.jsonl:3: a line of more than 1,048,576 bytes"):
+        run(tmp_path, tok_cfg, [path], max_document_bytes=limit, chunk_mb=0.25)
+    summary = run(tmp_path, tok_cfg, [path], max_document_bytes=limit, chunk_mb=0.25, skip_long_documents=True)
+    assert summary.documents == 4 and summary.skipped["too_long"] == 1
+    assert [ex.line for ex in summary.examples] == [3]
+    tok = build_tokenizer(tok_cfg)
+    _, docs = read_dataset(str(tmp_path / "out" / "ds_text_document"))
+    assert docs == [tok.tokenize(r["text"]) for r in recs]
+
+
+def test_partitions_and_megatron_flags_accepted(tmp_path, tok_cfg):
+    path = write_lines(tmp_path / "in.jsonl", make_records(6))
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", path, "--output-prefix",
+         str(tmp_path / "out" / "ds"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+         tok_cfg.tokenizer_model, "--workers", "1", "--partitions", "2", "--keep-sequential-samples",
+         "--log-interval", "1000", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--partitions 2: documents are written in input order" in done.stdout
+    tok = build_tokenizer(tok_cfg)
+    _, docs = read_dataset(str(tmp_path / "out" / "ds_text_document"))
+    assert docs == [tok.tokenize(r["text"]) for r in make_records(6)]

@@ -185,14 +185,16 @@ def test_corrupt_and_incomplete_checkpoints_give_clear_errors(tmp_path):
     (ckpt / "common.pt").unlink()
     with pytest.raises(CheckpointError, match="common.pt is missing"):
         _train(["--load", str(tmp_path)], 4)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        _train(["--load", str(tmp_path / "nowhere")], 4)
+    # Megatron-LM starts from scratch when --load has no checkpoint, unless told to exit instead
+    with pytest.raises(CheckpointError, match="no checkpoint found at .*nowhere"):
+        _train(["--load", str(tmp_path / "nowhere"), "--exit-on-missing-checkpoint"], 4)
 
 
 def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    _train(["--save", str(tmp_path), "--save-interval", "2"], 2)
+    # (same --train-iters throughout: a changed schedule is refused on resume, as in Megatron-LM)
+    _train(["--save", str(tmp_path), "--save-interval", "2", "--exit-interval", "2"], 4)
     real_save = dist_checkpointing.save
 
     def crashing_save(state_dict, directory, *args, **kwargs):
@@ -205,8 +207,9 @@ def test_crash_mid_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatch)
     monkeypatch.setattr(dist_checkpointing, "save", real_save)
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert not (tmp_path / "iter_0000004").exists()
-    resumed = _train(["--load", str(tmp_path)], 3)
-    assert resumed.state.iteration == 3
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp_iter")]  # nothing half-written left
+    resumed = _train(["--load", str(tmp_path)], 4)
+    assert resumed.state.iteration == 4 and len(resumed.losses) == 2
 
 
 def test_preset_with_explicit_override_flags():

@@ -38,8 +38,8 @@ REASONS = {
     "not_object": "not a JSON object",
     "missing_key": "missing key",
     "non_string": "non-string value",
-    "empty_document": "empty document",
     "tokenizer_error": "tokenizer error",
+    "too_long": "longer than --max-document-bytes",
 }
 MAX_EXAMPLES = 20  # bad-line locations kept per chunk for the report
 
@@ -66,8 +66,10 @@ class BatchResult:
     documents: int = 0
     blank: int = 0
     filtered: int = 0
+    empty: int = 0  # documents with no tokens: written with no sequence, as Megatron-LM does
     tokens: Dict[str, np.ndarray] = field(default_factory=dict)
-    lengths: Dict[str, np.ndarray] = field(default_factory=dict)
+    lengths: Dict[str, np.ndarray] = field(default_factory=dict)  # per sequence
+    sequences: Dict[str, Optional[np.ndarray]] = field(default_factory=dict)  # per document (None: all 1)
     skipped: Counter = field(default_factory=Counter)
     examples: List[BadLine] = field(default_factory=list)
     subsets: Counter = field(default_factory=Counter)
@@ -87,6 +89,8 @@ class ProcessorSpec:
     exclude: Optional[Set[str]]
     subset_key: str
     dtype: str
+    split_sentences: bool = False
+    keep_newlines: bool = False
 
 
 class BatchProcessor:
@@ -99,6 +103,11 @@ class BatchProcessor:
         self.keys = list(spec.json_keys)
         self.subset_path = spec.subset_key.split(".")
         self.filtering = bool(spec.include or spec.exclude)
+        self.splitter = None
+        if spec.split_sentences:
+            from megatron_spiral.data.sentences import sentence_splitter
+
+            self.splitter = sentence_splitter(spec.keep_newlines)
 
     # --- parsing ------------------------------------------------------------------------------------
     @staticmethod
@@ -130,8 +139,6 @@ class BatchProcessor:
             value = obj[key]
             if not isinstance(value, str):
                 return None, ("non_string", f"{key!r} is a JSON {type(value).__name__}, expected a string")
-            if not value.strip():
-                return None, ("empty_document", f"{key!r} is empty or whitespace only")
             values.append(value)
         return values, None
 
@@ -139,6 +146,11 @@ class BatchProcessor:
     def __call__(self, chunk: Chunk) -> BatchResult:
         t0, cpu0 = time.perf_counter(), time.process_time()
         res = BatchResult(chunk.path, chunk.raw_offset, len(chunk.blob))
+        for line_no in getattr(chunk, "long_lines", ()):  # dropped while reading (--skip-long-documents)
+            res.lines += 1
+            res.skipped["too_long"] += 1
+            if len(res.examples) < MAX_EXAMPLES:
+                res.examples.append(BadLine(chunk.path, line_no, "too_long", "skipped (--skip-long-documents)"))
         texts: List[List[str]] = [[] for _ in self.keys]
         line_nos: List[int] = []
         for i, line in enumerate(split_lines(chunk.blob)):
@@ -185,42 +197,63 @@ class BatchProcessor:
             res.examples.append(bad)
         return False
 
+    def _units(self, text: str) -> List[str]:
+        """What is tokenized separately: the document, or its sentences (Megatron-LM splits texts
+        into 1,000,000-character pieces before sentence splitting; so do we, for identical output)."""
+        if self.splitter is None:
+            return [text]
+        piece = 1_000_000
+        return [sentence for i in range(0, len(text), piece) for sentence in self.splitter.tokenize(text[i:i + piece])]
+
     def _tokenize(self, texts, line_nos, path, res):
+        """Per key, per document: the token lists of its units (documents or sentences)."""
         ids_per_key = []
         dropped: Set[int] = set()
         for key, bucket in zip(self.keys, texts):
+            units = [self._units(text) for text in bucket]
+            flat = [u for doc in units for u in doc]
+            owner = [j for j, doc in enumerate(units) for _ in doc]
             try:
-                ids = self.tokenizer.tokenize_batch(bucket)
+                flat_ids = self.tokenizer.tokenize_batch(flat)
             except Exception:
-                ids = []  # find the offending document(s) one by one
-                for j, text in enumerate(bucket):
+                flat_ids = []  # find the offending document(s) one by one
+                for unit, j in zip(flat, owner):
                     try:
-                        ids.append(self.tokenizer.tokenize(text))
+                        flat_ids.append(self.tokenizer.tokenize(unit))
                     except Exception as exc:
-                        ids.append([])
+                        flat_ids.append([])
                         if j not in dropped:
                             dropped.add(j)
                             if self._reject(res, BadLine(path, line_nos[j], "tokenizer_error", f"{key!r}: {exc}")):
                                 return None, None
-            for j, doc in enumerate(ids):
-                if not doc and j not in dropped:
-                    dropped.add(j)
-                    bad = BadLine(path, line_nos[j], "empty_document", f"{key!r} tokenizes to no tokens")
-                    if self._reject(res, bad):
-                        return None, None
-            ids_per_key.append(ids)
+            per_doc: List[List[List[int]]] = [[] for _ in bucket]
+            for j, ids in zip(owner, flat_ids):
+                per_doc[j].append(ids)
+            ids_per_key.append(per_doc)
         return ids_per_key, dropped
 
     def _pack(self, ids_per_key, dropped, res: BatchResult) -> None:
+        """Megatron-LM's encode: units with no tokens are left out, EOD goes after the last one, a
+        document with no tokens at all becomes a document with no sequence."""
         eod = self.tokenizer.eod
-        for key, ids in zip(self.keys, ids_per_key):
-            docs = [d for j, d in enumerate(ids) if j not in dropped] if dropped else ids
-            if self.spec.append_eod:
-                for d in docs:
-                    d.append(eod)
-            lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-            res.tokens[key] = np.fromiter(chain.from_iterable(docs), dtype=self.dtype, count=int(lengths.sum()))
-            res.lengths[key] = lengths
+        for key, per_doc in zip(self.keys, ids_per_key):
+            docs = [d for j, d in enumerate(per_doc) if j not in dropped] if dropped else per_doc
+            lengths, counts, flat = [], [], []
+            for units in docs:
+                seqs = [u for u in units if u]
+                if seqs and self.spec.append_eod:
+                    seqs[-1].append(eod)
+                counts.append(len(seqs))
+                for seq in seqs:
+                    lengths.append(len(seq))
+                    flat.append(seq)
+                if not seqs and key == self.keys[0]:
+                    res.empty += 1
+            lengths_arr = np.asarray(lengths, dtype=np.int64)
+            res.tokens[key] = np.fromiter(chain.from_iterable(flat), dtype=self.dtype, count=int(lengths_arr.sum()))
+            res.lengths[key] = lengths_arr
+            counts_arr = np.asarray(counts, dtype=np.int64)
+            res.sequences[key] = None if np.all(counts_arr == 1) else counts_arr
             res.documents = len(docs)
 
 

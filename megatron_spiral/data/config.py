@@ -11,6 +11,20 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+def check_split(split: str) -> None:
+    """Megatron's --split: up to three non-negative numbers with a positive sum, ',' or '/' separated."""
+    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = None
+    if (values is None or not 1 <= len(values) <= 3 or any(v < 0 or v != v or v == float("inf") for v in values)
+            or sum(values) <= 0):
+        raise ValueError(
+            f"--split {split!r}: expected up to three non-negative train,valid,test weights with a positive sum, "
+            "e.g. --split 949,50,1 or --split 98,2,0")
+
+
 @dataclass
 class DataConfig:
     """Training data: Megatron indexed datasets (or mock data) cut into seq_length-token samples."""
@@ -74,6 +88,8 @@ class DataConfig:
             raise ValueError("no training data: pass --data-path PREFIX (see the README, 'Data') or --mock-data.")
         if self.seq_length < 2:
             raise ValueError("--seq-length must be at least 2.")
+        if self.data_path:
+            check_split(self.split)
 
 
 @dataclass
@@ -113,14 +129,42 @@ class PreprocessConfig:
         },
     )
     log_interval: int = field(
-        default=100000,
-        metadata={"help": "Documents between progress lines when stderr is not a terminal."},
+        default=1000,
+        metadata={"help": "Documents between progress lines when stderr is not a terminal (Megatron-LM's default)."},
+    )
+    split_sentences: bool = field(
+        default=False,
+        metadata={"help": "Split documents into sentences with NLTK's punkt (one sequence per sentence; "
+                  "writes PREFIX_KEY_sentence.bin/.idx, as Megatron-LM)."},
+    )
+    keep_newlines: bool = field(
+        default=False,
+        metadata={"help": "With --split-sentences: keep the newlines between sentences."},
+    )
+    partitions: int = field(
+        default=1,
+        metadata={"help": "Accepted for Megatron-LM command lines. Parallelism comes from --workers; the "
+                  "output is always in input order (Megatron-LM's order with --keep-sequential-samples)."},
+    )
+    keep_sequential_samples: bool = field(
+        default=False,
+        metadata={"help": "Keep the input order of documents with --partitions > 1 (always the case here)."},
+    )
+    max_document_bytes: int = field(
+        default=32 * 2**20,
+        metadata={"help": "Refuse (or with --skip-long-documents skip) a JSON line longer than this many "
+                  "bytes: tokenizing a line takes many times its size in memory."},
+    )
+    skip_long_documents: bool = field(
+        default=False,
+        metadata={"help": "Skip lines longer than --max-document-bytes (counted in the summary) instead of stopping."},
     )
     skip_bad_lines: bool = field(
         default=False,
         metadata={
-            "help": "Skip malformed JSON, missing keys, non-string values, invalid UTF-8 and empty "
-            "documents (counted in the summary) instead of stopping at the first one."
+            "help": "Skip malformed JSON, missing keys, non-string values and invalid UTF-8 (counted in "
+            "the summary) instead of stopping at the first one. Empty documents are always dropped and "
+            "counted (Megatron-LM); a truncated or corrupt compressed file is always an error."
         },
     )
     include_subsets: Optional[List[str]] = field(

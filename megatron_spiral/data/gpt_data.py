@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_spiral.data.config import DataConfig
 from megatron_spiral.data.helpers import ensure_dataset_helpers
+from megatron_spiral.data.index_cache import atomic_numpy_saves, repair_index_cache
 
 Blend = Tuple[List[str], Optional[List[float]]]
 SPLIT_NAMES = ("train", "valid", "test")
@@ -75,6 +76,28 @@ def check_prefix(prefix: str) -> None:
     )
 
 
+def open_checked(prefix: str):
+    """megatron's IndexedDataset for ``prefix``, refused with a message when the .idx is unreadable or
+    the .bin does not hold exactly the bytes the .idx points at (truncated, or not its pair)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        dataset = IndexedDataset(prefix)
+    except Exception as err:  # noqa: BLE001 - struct/numpy/assert errors of a damaged index
+        raise DataError(f"{prefix}.idx is not a readable megatron index ({type(err).__name__}: {err}); "
+                        "re-create it with tools/preprocess_data.py.") from None
+    index = dataset.index
+    count = len(index.sequence_lengths)
+    expected = 0 if count == 0 else int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise DataError(
+            f"{prefix}.bin has {actual:,} bytes but its .idx describes {expected:,} ({count:,} sequences): the .bin is "
+            f"{'truncated' if actual < expected else 'not the one this index was written with'}. Re-create the "
+            "dataset with tools/preprocess_data.py (or copy both files again).")
+    return dataset
+
+
 def _document_ranges(num_docs: int, split_matrix) -> List[Optional[Tuple[int, int]]]:
     # Same rounding as BlendedMegatronDatasetBuilder._build_megatron_dataset_splits.
     return [
@@ -89,12 +112,10 @@ def check_splits(blend: Blend, split: Optional[str], flag: str, only: Optional[i
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split or "1,0,0"))
     for prefix in blend[0]:
         check_prefix(prefix)
-        dataset = IndexedDataset(prefix)  # keep alive: sequence_lengths is a view of its mmap
+        dataset = open_checked(prefix)  # keep alive: sequence_lengths is a view of its mmap
         lengths = dataset.sequence_lengths
         for i, rng in enumerate(_document_ranges(len(lengths), matrix)):
             if rng is None or (only is not None and i != only):
@@ -183,11 +204,36 @@ def build_train_valid_test_datasets(
             if blend is not None:
                 check_splits(blend, None, flag, only=0)
     cls = MockGPTDataset if config.mock else GPTDataset
-    with _rank_zero_without_distributed():
+    repair_index_cache(_cache_dirs(config))
+    with _rank_zero_without_distributed(), atomic_numpy_saves():
         datasets = BlendedMegatronDatasetBuilder(
             cls, list(train_val_test_num_samples), is_built_on_rank, config
         ).build()
+    for dataset in datasets:
+        _disable_mask_cache(dataset)
     return tuple(datasets)
+
+
+def _disable_mask_cache(dataset) -> None:
+    """megatron-core 0.16.1's GPTDataset caches the first sample's loss mask *after* zeroing that
+    sample's pad positions in place, so every later sample inherits them: the masks depend on which
+    sample a process read first, and a resumed run (first sample = the next one, not sample 0)
+    computes other losses than the uninterrupted run (measured: validation 5.448368 vs 5.447865).
+    Computing the masks per sample (cheap without an attention mask) removes the history."""
+    if dataset is None:
+        return
+    for child in getattr(dataset, "datasets", None) or []:  # BlendedDataset
+        _disable_mask_cache(child)
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
+
+
+def _cache_dirs(config) -> List[str]:
+    """Where megatron keeps this build's index cache: --data-cache-path, else PREFIX/cache/..."""
+    if config.path_to_cache:
+        return [config.path_to_cache]
+    blends = [config.blend] if config.blend is not None else list(config.blend_per_split or [])
+    return [os.path.join(prefix, "cache", "GPTDataset_indices") for blend in blends if blend for prefix in blend[0]]
 
 
 def megatron_num_samples(train_iters: int, eval_iters: int, eval_interval: int, global_batch_size: int) -> List[int]:

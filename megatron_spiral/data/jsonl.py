@@ -13,7 +13,7 @@ import gzip
 import io
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 # (suffix, compression); longest suffixes first so ".jsonl.zst" wins over ".zst".
 _SUFFIXES = (
@@ -94,6 +94,7 @@ class Chunk:
     first_line: int
     blob: bytes
     raw_offset: int  # compressed bytes consumed from the file so far (for progress)
+    long_lines: Tuple[int, ...] = ()  # numbers of lines dropped before this chunk for their length
 
 
 class _RawCounter(io.RawIOBase):
@@ -116,27 +117,93 @@ class _RawCounter(io.RawIOBase):
         super().close()
 
 
+class _ZstdStream:
+    """Decompress a zstd file frame after frame, and notice a truncated one.
+
+    zstandard's ``stream_reader`` returns a clean end of stream when the input stops inside a frame
+    (measured: half a file read as 131072 bytes, no error), which silently drops the rest of a
+    truncated shard. A ``decompressobj`` per frame tells us: at the end of the input the current
+    frame must be finished. Shards written by concatenating zstd files hold several frames.
+    """
+
+    def __init__(self, path: str, raw: _RawCounter, read_size: int = 1 << 18) -> None:
+        import zstandard
+
+        self.path, self.raw, self.read_size = path, raw, read_size
+        self._zstd = zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._fed = False  # current frame has received input
+        self._buffer = bytearray()
+        self._done = False
+
+    def _fill(self) -> None:
+        data = self.raw.read(self.read_size)
+        if not data:
+            self._done = True
+            if self._fed and not self._frame.eof:
+                raise InputError(
+                    f"{self.path} is truncated: the zstd stream ends inside a frame at compressed byte "
+                    f"{self.raw.consumed:,} (the file is incomplete; download or copy it again). "
+                    "--skip-bad-lines does not skip this: it is for malformed JSON lines only.")
+            return
+        while data:
+            try:
+                out = self._frame.decompress(data)
+            except self._zstd.ZstdError as exc:
+                raise InputError(
+                    f"{self.path} is corrupt: zstd error near compressed byte {self.raw.consumed:,}: {exc} "
+                    "(re-download the file; --skip-bad-lines does not skip this)") from exc
+            self._fed = True
+            self._buffer += out
+            if self._frame.eof:
+                data = self._frame.unused_data
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+                self._fed = False
+            else:
+                data = b""
+
+    def read(self, n: int) -> bytes:
+        while len(self._buffer) < n and not self._done:
+            self._fill()
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def close(self) -> None:
+        self._buffer = bytearray()
+
+
 def _open_stream(path: str, raw: _RawCounter):
     kind = compression_of(path)
     if kind == "zst":
-        import zstandard
-
-        # read_across_frames: shards written by concatenating zstd files hold several frames.
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True)
+        return _ZstdStream(path, raw)
     if kind == "gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw
 
 
-def iter_chunks(path: str, chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
+def iter_chunks(path: str, chunk_bytes: int = 1 << 20, max_line_bytes: Optional[int] = None,
+                skip_long_lines: bool = False) -> Iterator[Chunk]:
     """Yield line-aligned chunks of about ``chunk_bytes`` decompressed bytes from ``path``.
 
-    Memory is bounded by ``chunk_bytes`` plus the longest line. A JSON array file (``[...]``) is
-    rejected: it cannot be streamed line by line.
+    Memory is bounded by ``chunk_bytes`` plus the longest line, and the longest line by
+    ``max_line_bytes``: a longer one raises InputError (or, with ``skip_long_lines``, is dropped
+    while it streams past and reported in the next chunk's ``long_lines``). A JSON array file
+    (``[...]``) is rejected: it cannot be streamed line by line.
     """
     line_no = 1
     pending = b""
     first = True
+    dropping = False  # inside a too-long line that is being skipped
+    long_lines: List[int] = []
+
+    def too_long(size: int) -> None:
+        if not skip_long_lines:
+            raise InputError(
+                f"{path}:{line_no}: a line of more than {max_line_bytes:,} bytes (--max-document-bytes; "
+                f"{size:,} read so far). Raise --max-document-bytes, or pass --skip-long-documents to skip such lines.")
+        long_lines.append(line_no)
+
     with open(path, "rb", buffering=0) as f:
         raw = _RawCounter(f)
         stream = _open_stream(path, raw)
@@ -144,8 +211,13 @@ def iter_chunks(path: str, chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
             while True:
                 try:
                     data = stream.read(chunk_bytes)
-                except Exception as exc:  # OSError/EOFError from gzip, zstandard.ZstdError
-                    raise InputError(f"{path}: cannot decompress near line {line_no}: {exc}") from exc
+                except InputError:
+                    raise
+                except Exception as exc:  # OSError/EOFError from gzip (truncated or corrupt)
+                    raise InputError(
+                        f"{path} is truncated or corrupt: cannot decompress near line {line_no} (compressed "
+                        f"byte {raw.consumed:,}): {exc}. Download or copy the file again; --skip-bad-lines "
+                        "does not skip this (it is for malformed JSON lines only).") from exc
                 if first and data:
                     first = False
                     if data.lstrip()[:1] == b"[":
@@ -155,16 +227,37 @@ def iter_chunks(path: str, chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
                         )
                 if not data:
                     break
+                if dropping:
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        continue
+                    data, dropping, line_no = data[nl + 1:], False, line_no + 1
+                if max_line_bytes and pending:
+                    nl = data.find(b"\n")
+                    size = len(pending) + (nl if nl >= 0 else len(data))
+                    if size > max_line_bytes:
+                        too_long(size)
+                        pending = b""
+                        if nl < 0:
+                            dropping = True
+                            continue
+                        data, line_no = data[nl + 1:], line_no + 1
+                if not data:
+                    continue
                 buf = pending + data if pending else data
                 cut = buf.rfind(b"\n")
                 if cut < 0:
                     pending = buf  # one line longer than the chunk: keep reading
+                    if max_line_bytes and len(pending) > max_line_bytes:
+                        too_long(len(pending))
+                        pending, dropping = b"", True
                     continue
                 blob, pending = buf[: cut + 1], buf[cut + 1 :]
-                yield Chunk(path, line_no, blob, raw.consumed)
+                yield Chunk(path, line_no, blob, raw.consumed, tuple(long_lines))
+                long_lines.clear()
                 line_no += blob.count(b"\n")
-            if pending:
-                yield Chunk(path, line_no, pending, raw.consumed)
+            if pending or long_lines:
+                yield Chunk(path, line_no, pending, raw.consumed, tuple(long_lines))
         finally:
             if stream is not raw:
                 stream.close()

@@ -14,6 +14,8 @@ This is Megatron-LM's ``MegatronPretrainingSampler`` contract, without its train
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -80,10 +82,43 @@ class ResumableDistributedSampler:
             start += self.step
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """SLURM signals every process of a job; the training process decides when to stop (it saves
-    first), so its loader workers must not die on SIGTERM underneath it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class _WorkerSigterm:
+    """worker_init_fn: loader workers outlive a SLURM SIGTERM, but not their parent's exit.
+
+    SLURM signals every process of the job; the training process decides when to stop (it saves
+    first), so a worker must not die on that SIGTERM underneath it. But Python's exit-time
+    multiprocessing cleanup stops daemon workers with SIGTERM and then joins them: a worker that
+    ignored SIGTERM unconditionally hung every failing run forever. So a worker ignores SIGTERM only
+    while its parent is alive and has not started shutting its loaders down (``release``).
+    """
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self.parent = os.getpid()
+        self.releasing = multiprocessing.Event()
+        atexit.register(self.release)  # runs before multiprocessing's own exit hook (LIFO)
+
+    def release(self) -> None:
+        """From now on workers exit on SIGTERM (the parent is exiting)."""
+        self.releasing.set()
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.releasing.is_set() or os.getppid() != self.parent:
+            os._exit(0)
+
+
+def shutdown_iterator(iterator) -> None:
+    """Stop a DataLoader iterator's worker processes now (a no-op for in-process loading)."""
+    init = getattr(iterator, "_worker_init_fn", None)
+    if isinstance(init, _WorkerSigterm):
+        init.release()
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def build_data_loader(
@@ -104,7 +139,7 @@ def build_data_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        worker_init_fn=_ignore_sigterm,
+        worker_init_fn=_WorkerSigterm() if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )

@@ -60,6 +60,7 @@ class Summary:
     documents: int = 0
     blank: int = 0
     filtered: int = 0
+    empty: int = 0
     tokens: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     examples: List[BadLine] = field(default_factory=list)
@@ -75,6 +76,7 @@ class Summary:
         self.documents += res.documents
         self.blank += res.blank
         self.filtered += res.filtered
+        self.empty += res.empty
         self.skipped.update(res.skipped)
         self.subsets.update(res.subsets)
         self.seconds.update(res.seconds)
@@ -91,7 +93,8 @@ class Summary:
             f"  inputs     : {len(self.files)} file(s), {self.compressed_bytes / 2**20:,.1f} MiB on disk, "
             f"{self.input_bytes / 2**20:,.1f} MiB of JSON lines, {self.lines:,} lines",
             f"  documents  : {self.documents:,} written; {self.filtered:,} filtered out by subset; "
-            f"{self.blank:,} blank lines ignored",
+            f"{self.blank:,} blank lines ignored; {self.empty:,} empty (no tokens: kept as documents "
+            "without sequences, as Megatron-LM)",
         ]
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{REASONS[r]}: {n:,}" for r, n in sorted(self.skipped.items()))
@@ -119,7 +122,8 @@ class Summary:
 class OutputStaging:
     """A hidden directory beside the output prefix; ``commit`` moves finished files into place."""
 
-    def __init__(self, output_prefix: str) -> None:
+    def __init__(self, output_prefix: str, level: str = "document") -> None:
+        self.level = level
         if not output_prefix or output_prefix.endswith(("/", os.sep)) or os.path.isdir(output_prefix):
             raise PreprocessError(
                 f"--output-prefix {output_prefix!r} must be a path prefix such as data/pile_00, not a directory."
@@ -132,16 +136,20 @@ class OutputStaging:
         self.path = tempfile.mkdtemp(prefix=f"{self._tag}{os.getpid()}-", dir=self.directory)
 
     def final(self, key: str) -> str:
-        return f"{self.prefix}_{key}_document"
+        return f"{self.prefix}_{key}_{self.level}"
 
     def staged(self, key: str) -> str:
-        return os.path.join(self.path, f"{key}_document")
+        return os.path.join(self.path, f"{key}_{self.level}")
 
     def commit(self, keys: List[str]) -> List[str]:
         """Move every dataset into place; returns megatron cache dirs that became stale and were removed."""
         removed = []
         for key in keys:
             final = self.final(key)
+            # The pair is published as a unit: the old .idx goes first, the new .idx comes last, so a
+            # kill in between leaves a .bin without .idx (refused as missing, never mis-paired).
+            if os.path.exists(final + ".idx"):
+                os.remove(final + ".idx")
             os.replace(self.staged(key) + ".bin", final + ".bin")
             os.replace(self.staged(key) + ".idx", final + ".idx")
             # GPTDataset's default cache (PREFIX/cache/...) is keyed by path, not content: drop it.
@@ -254,9 +262,9 @@ def _results(chunks, spec: ProcessorSpec, workers: int, tokenizer, seconds: Coun
             yield res
 
 
-def _chunks(files: List[str], chunk_bytes: int):
+def _chunks(files: List[str], chunk_bytes: int, max_line_bytes: int, skip_long: bool):
     for path in files:
-        yield from iter_chunks(path, chunk_bytes)
+        yield from iter_chunks(path, chunk_bytes, max_line_bytes, skip_long)
 
 
 def _raise_on_sigterm(signum, frame):
@@ -279,18 +287,34 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_config, tokenizer=None) -> S
     keys = list(dict.fromkeys(cfg.json_keys or []))
     if not keys or any(not k or "/" in k or os.sep in k for k in keys):
         raise PreprocessError(f"--json-keys {cfg.json_keys} must be non-empty top-level key names without '/'.")
-    if cfg.workers < 1 or cfg.chunk_mb <= 0:
-        raise PreprocessError("--workers must be >= 1 and --chunk-mb > 0.")
+    if cfg.workers < 1 or cfg.chunk_mb <= 0 or cfg.partitions < 1:
+        raise PreprocessError("--workers and --partitions must be >= 1 and --chunk-mb > 0.")
+    if cfg.max_document_bytes < cfg.chunk_mb * 2**20:
+        raise PreprocessError(f"--max-document-bytes {cfg.max_document_bytes:,} must be at least --chunk-mb "
+                              f"({int(cfg.chunk_mb * 2**20):,} bytes).")
+    if cfg.keep_newlines and not cfg.split_sentences:
+        raise PreprocessError("--keep-newlines only applies with --split-sentences.")
+    if cfg.split_sentences:
+        from megatron_spiral.data.sentences import SentenceSplitError, load_punkt
+
+        try:
+            load_punkt()  # fail here, before any worker starts
+        except SentenceSplitError as err:
+            raise PreprocessError(str(err)) from None
     files = resolve_inputs(cfg.input)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(tokenizer_config)
     dtype = optimal_dtype(tokenizer.vocab_size)
     include, exclude = cfg.subset_filter()
     spec = ProcessorSpec(tokenizer_config, keys, cfg.append_eod, cfg.skip_bad_lines, include, exclude,
-                         cfg.subset_key, dtype.__name__)
+                         cfg.subset_key, dtype.__name__, cfg.split_sentences, cfg.keep_newlines)
 
-    staging = OutputStaging(cfg.output_prefix)
+    staging = OutputStaging(cfg.output_prefix, "sentence" if cfg.split_sentences else "document")
     summary = Summary(files, {k: staging.final(k) for k in keys}, dtype.__name__)
     summary.compressed_bytes = sum(os.path.getsize(f) for f in files)
+    if cfg.partitions > 1:
+        summary.notes.append(
+            f"--partitions {cfg.partitions}: documents are written in input order (Megatron-LM's order with "
+            "--keep-sequential-samples); the parallelism comes from --workers")
     if cfg.subset_key == "meta.pile_set_name":
         unknown = sorted(((include or set()) | (exclude or set())) - set(PILE_SUBSETS))
         if unknown:
@@ -307,7 +331,8 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_config, tokenizer=None) -> S
     start = time.perf_counter()
     try:
         writers = {k: IndexedDatasetWriter(staging.staged(k), dtype) for k in keys}
-        chunks = _timed(_chunks(files, int(cfg.chunk_mb * 2**20)), summary.seconds)
+        chunks = _timed(_chunks(files, int(cfg.chunk_mb * 2**20), cfg.max_document_bytes, cfg.skip_long_documents),
+                        summary.seconds)
         results = _results(chunks, spec, cfg.workers, tokenizer, summary.seconds)
         warned = 0
         for res in results:
@@ -318,7 +343,7 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_config, tokenizer=None) -> S
                 )
             t = time.perf_counter()
             for k in keys:
-                writers[k].add_documents(res.tokens[k], res.lengths[k])
+                writers[k].add_documents(res.tokens[k], res.lengths[k], res.sequences.get(k))
             summary.seconds["write"] += time.perf_counter() - t
             for ex in res.examples[: max(0, 10 - warned)]:
                 progress.warn(f"skipped {ex}")

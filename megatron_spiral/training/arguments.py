@@ -139,12 +139,55 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: Optional[str] = field(default=None, metadata=_h("directory to save checkpoints to"))
+    """Megatron-LM's checkpoint flags, with its meanings and defaults (docs/reliability.md)."""
+
+    save: Optional[str] = field(default=None, metadata=_h(
+        "directory to save checkpoints to (locked against a second run while this one lives)"))
     load: Optional[str] = field(default=None, metadata=_h(
-        "directory (or iter_* directory) to resume from; a checkpoint without optimizer state "
-        "(e.g. converted from Hugging Face) starts a fresh optimizer from its weights"))
+        "directory (or iter_* directory) to resume from; a directory without a checkpoint starts "
+        "from scratch (as Megatron-LM), so --save X --load X works on the first launch. A checkpoint "
+        "without optimizer state (e.g. converted from Hugging Face) starts a fresh run from its weights"))
     save_interval: Optional[int] = field(default=None, metadata=_h("save every N iterations"))
-    no_load_optim: bool = field(default=False, metadata=_h("load weights only"))
+    no_load_optim: bool = field(default=False, metadata=_h(
+        "do not load the optimizer state or the LR schedule (iteration, consumed samples and RNG are "
+        "still loaded, as in Megatron-LM)"))
+    no_load_rng: bool = field(default=False, metadata=_h("do not load the RNG states"))
+    finetune: bool = field(default=False, metadata=_h(
+        "load the weights only: iteration, consumed samples, optimizer, LR schedule and RNG start "
+        "fresh (Megatron-LM); model fields may differ where the weights still fit"))
+    use_checkpoint_args: bool = field(default=False, metadata=_h(
+        "take the model's architecture flags from the --load checkpoint instead of the command line"))
+    exit_on_missing_checkpoint: bool = field(default=False, metadata=_h(
+        "with --load: exit with an error instead of starting from scratch when no checkpoint is there"))
+    override_opt_param_scheduler: bool = field(default=False, metadata=_h(
+        "on resume, use this command line's LR/WD schedule (lr, min-lr, warmup, decay iterations and "
+        "style, weight decay) instead of the checkpoint's; the step count is kept"))
+    use_checkpoint_opt_param_scheduler: bool = field(default=False, metadata=_h(
+        "on resume, keep the checkpoint's LR/WD schedule and ignore the schedule flags given here"))
+    ckpt_fallback: bool = field(default=False, metadata=_h(
+        "when the checkpoint the tracker names is missing or corrupt, resume from the newest intact "
+        "older one (said in the log) instead of stopping"))
+    ckpt_format: str = field(default="torch_dist", metadata=_h(
+        "checkpoint format; only megatron-core's 'torch_dist' (dist_checkpointing: resharding, "
+        "per-file checksums) is written and read here"))
+    async_save: bool = field(default=False, metadata=_h(
+        "accepted for Megatron-LM launch lines; saves stay synchronous here (a note says so)"))
+
+    def __post_init__(self) -> None:
+        from megatron_spiral.checkpointing import CheckpointError
+
+        if self.ckpt_format != "torch_dist":
+            raise CheckpointError(
+                f"--ckpt-format {self.ckpt_format}: only torch_dist is supported (the legacy 'torch' format "
+                "cannot reshard across TP sizes and has no per-file checksums; torch_dcp/fsdp_dtensor are "
+                "for FSDP, which this project does not use). Drop the flag or pass --ckpt-format torch_dist.")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise CheckpointError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler "
+                                  "exclude each other: pick the new schedule or the checkpoint's")
+        if (self.finetune or self.use_checkpoint_args or self.exit_on_missing_checkpoint) and not self.load:
+            flag = "--finetune" if self.finetune else (
+                "--use-checkpoint-args" if self.use_checkpoint_args else "--exit-on-missing-checkpoint")
+            raise CheckpointError(f"{flag} needs --load DIR (the checkpoint to start from)")
 
 
 @dataclass

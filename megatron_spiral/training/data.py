@@ -34,8 +34,8 @@ def train_valid_test_num_samples(train, state) -> list:
 
 
 def build_iterators(run, state, tokenizer):
-    """(train, valid, test) micro-batch iterators for this data-parallel rank, the training one
-    resumed at the state's consumed samples. Valid/test are None without such a split or with
+    """(train, valid, test) micro-batch iterators for this data-parallel rank, resumed at the
+    state's consumed train and validation samples. Valid/test are None without such a split or with
     --eval-iters 0."""
     train = run.train
     train_iter, valid_iter, test_iter = build_train_valid_test_data_iterators(
@@ -43,6 +43,7 @@ def build_iterators(run, state, tokenizer):
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=state.consumed_valid_samples,
     )
     if train.eval_iters <= 0:
         valid_iter = test_iter = None

@@ -16,6 +16,8 @@ from megatron_spiral.model.layer_specs import resolve_transformer_impl
 from megatron_spiral.model_args import describe_architecture
 from megatron_spiral.parallel import initialize_parallel
 from megatron_spiral.training.arguments import RunConfig
+from megatron_spiral.data.loader import shutdown_iterator
+from megatron_spiral.training.checkpoint import acquire_save_dir, model_config_from_checkpoint
 from megatron_spiral.training.data import build_iterators, build_run_tokenizer
 from megatron_spiral.training.logger import init_wandb, print_rank_0
 from megatron_spiral.training.loop import FINISHED, Trainer
@@ -74,7 +76,14 @@ def pretrain(run: RunConfig) -> int:
     initialize_parallel(run.parallel.tensor_model_parallel_size, run.parallel.seed,
                         backend=distributed_backend(run.parallel.distributed_backend),
                         timeout_minutes=run.parallel.distributed_timeout_minutes)
+    ckpt = run.checkpoint
+    save_lock = acquire_save_dir(ckpt.save) if ckpt.save else None  # a second run on it is refused
+    if ckpt.async_save:
+        print_rank_0(" > --async-save: checkpoints are saved synchronously (asynchronous dist_checkpointing "
+                     "saves are not used by this trainer; see docs/reliability.md)")
     tokenizer = build_run_tokenizer(run)
+    if ckpt.use_checkpoint_args:
+        run.model = model_config_from_checkpoint(ckpt.load, run.model)
     if tokenizer is not None:
         run.model = run.model.replace(vocab_size=tokenizer.vocab_size)
     state = build_training_state(run.model, run.parallel, run.train, run.optim, run.recompute)
@@ -82,10 +91,16 @@ def pretrain(run: RunConfig) -> int:
     trainer = Trainer(run, state, tokenizer, wandb_run=_wandb_run(run))
     trainer.resume()
     train_iterator, valid_iterator, test_iterator = build_iterators(run, state, tokenizer)
-    reason = trainer.train(train_iterator, valid_iterator)
-    if reason == FINISHED:
-        _final_evaluation(trainer, state.iteration, valid_iterator, test_iterator)
-    trainer.close()
+    try:
+        reason = trainer.train(train_iterator, valid_iterator)
+        if reason == FINISHED:
+            _final_evaluation(trainer, state.iteration, valid_iterator, test_iterator)
+        trainer.close()
+    finally:  # stop loader workers now, on success and failure alike (no exit-time waits)
+        for iterator in (train_iterator, valid_iterator, test_iterator):
+            shutdown_iterator(iterator)
+        if save_lock is not None:
+            save_lock.release()
     if run.checkpoint.save and dist.get_rank() == 0:
         summary = {"iteration": state.iteration, "consumed_train_samples": state.consumed_train_samples,
                    "final_train_loss": trainer.losses[-1] if trainer.losses else None,

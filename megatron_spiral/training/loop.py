@@ -25,7 +25,7 @@ from megatron_spiral.training.logger import (
     print_rank_0,
 )
 from megatron_spiral.training.signals import ExitSignalHandler
-from megatron_spiral.training.step import any_rank, evaluate, train_step
+from megatron_spiral.training.step import TrainingStopped, any_rank, evaluate, train_step
 
 FINISHED = "finished"
 
@@ -60,12 +60,17 @@ class Trainer:
         self.last_validation_loss: Optional[float] = None
         self.losses = []
         self._param_gather_overlap = run.parallel.overlap_param_gather
+        self.consecutive_skips = 0
+        self.loaded_iteration: Optional[int] = None
 
     def resume(self) -> None:
         ckpt = self.run.checkpoint
         if not ckpt.load:
             return
-        directory = load_training_checkpoint(self.state, ckpt.load, load_optimizer=not ckpt.no_load_optim)
+        directory = load_training_checkpoint(self.state, ckpt.load, options=ckpt, tokenizer=self.tokenizer)
+        if directory is None:
+            return  # nothing there: a fresh start (the log says so)
+        self.loaded_iteration = self.state.iteration
         print_rank_0(f" > loaded checkpoint {directory} at iteration {self.state.iteration} "
                      f"({self.state.consumed_train_samples} consumed samples)")
 
@@ -134,10 +139,11 @@ class Trainer:
             if log_now:
                 self.logger.log(state.iteration, state.consumed_train_samples, state.global_batch_size,
                                 stats, diagnostics or {})
-            if state.skipped_iterations > train.max_skipped_iters and not result.finite:
-                raise RuntimeError(
-                    f"iteration {state.iteration}: more than {train.max_skipped_iters} steps skipped "
-                    "for NaN/Inf; stopping. Lower --lr or inspect the data.")
+            self.consecutive_skips = 0 if result.finite else self.consecutive_skips + 1
+            if self.consecutive_skips > train.max_skipped_iters:
+                raise TrainingStopped(
+                    f"iteration {state.iteration}: more than {train.max_skipped_iters} consecutive steps "
+                    "skipped for NaN/Inf (--max-skipped-iters); stopping. Lower --lr or inspect the data.")
             if train.manual_gc and train.manual_gc_interval and state.iteration % train.manual_gc_interval == 0:
                 gc.collect()
             if (valid_iterator is not None and train.eval_interval and train.eval_iters > 0
@@ -151,8 +157,8 @@ class Trainer:
             if exit_reason:
                 reason = exit_reason
                 break
-        if saved_at != state.iteration:
-            self.save()
+        if saved_at != state.iteration and state.iteration != self.loaded_iteration:
+            self.save()  # (a relaunch of a finished run does not re-publish the checkpoint it loaded)
         print_rank_0(f" > training stopped at iteration {state.iteration}: {reason}")
         if train.manual_gc:
             gc.enable()

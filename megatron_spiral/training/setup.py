@@ -36,6 +36,7 @@ class TrainingState:
     train_iters: int = 0                 # --train-iters, or --train-samples // global batch
     iteration: int = 0
     consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0      # Megatron-LM's counter: validation resumes where it was
     skipped_iterations: int = 0
     nan_iterations: int = 0
 

@@ -1,5 +1,6 @@
-"""The exit signal (--exit-signal, SIGTERM by default) for SLURM preemption and time limits: the
-handler only records it; every rank agrees (``any_rank``) before anyone saves and exits 0."""
+"""The exit signal (--exit-signal, SIGTERM by default) for SLURM preemption and time limits, and
+Ctrl-C (SIGINT): the handler only records it; every rank agrees (``any_rank``) before anyone saves
+and exits 0. A second Ctrl-C interrupts at once."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ class ExitSignalHandler:
     def __init__(self, sig: Union[str, int, signal.Signals] = signal.SIGTERM) -> None:
         self.signal = parse_signal(sig)
         self.received = False
-        self._previous = {self.signal: signal.signal(self.signal, self._handle)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in {self.signal, signal.SIGINT}}
 
     def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the user insists: stop without waiting for the save
         self.received = True
 
     def restore(self) -> None:

@@ -22,6 +22,10 @@ class NonFiniteError(RuntimeError):
     """Raised under --nan-policy stop when a step's loss or gradients are NaN/Inf."""
 
 
+class TrainingStopped(RuntimeError):
+    """The loop gave up (e.g. too many consecutive skipped steps); the message says why."""
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -151,5 +155,8 @@ def evaluate(state, data_iterator: Iterator, eval_iters: int) -> float:
         loss, count = _reduce_reports(reports, _device())
         total += loss * count
         tokens += count
+        # Megatron-LM's consumed_valid_samples: checkpointed, so a resumed run validates on the
+        # same samples as an uninterrupted one.
+        state.consumed_valid_samples = getattr(state, "consumed_valid_samples", 0) + state.global_batch_size
     model.train()
     return total / max(tokens, 1)
