@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from .configuration_spiral import SpiralFormerConfig
@@ -338,3 +339,25 @@ def reject_unknown_kwargs(kwargs: dict) -> None:
                         "use_cache, labels, num_items_in_batch, logits_to_keep, output_hidden_states, return_dict")
 
 
+# ============================================================================ attention
+# Both implementations take the keys/values (and boolean mask) that _KV.update returns.
+def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
+                   dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale) v by torch's fused kernel; ``mask`` is boolean (True = attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          dropout_p=dropout)
+
+
+def eager_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """The same attention written out (attn_implementation="eager"); softmax in fp32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if causal:  # top-left aligned, as SDPA's is_causal (only used when queries == keys)
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}

@@ -47,8 +47,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_spiral import (SpiralCache, _KV, _Span, check_positions, compact_rows, mark_sequence_dynamic,
-                           reject_unknown_kwargs, take_cache_alias, uncompact_rows)
+from .cache_spiral import (ATTENTION_FUNCTIONS, SpiralCache, _KV, _Span, check_positions, compact_rows,
+                           mark_sequence_dynamic, reject_unknown_kwargs, take_cache_alias, uncompact_rows)
 from .configuration_spiral import SpiralFormerConfig
 from .equations_spiral import (
     chunk_index,
@@ -78,29 +78,6 @@ logger = logging.get_logger(__name__)
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _GENERATE_CACHE_KWARG = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
                          else "past_key_values")
-
-
-# ============================================================================ attention
-def sdpa_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
-                   dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T * scale) v by torch's fused kernel; ``mask`` is boolean (True = attend)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          dropout_p=dropout)
-
-
-def eager_attention(q, k, v, mask: Optional[torch.Tensor], causal: bool, scale: float,
-                    dropout: float = 0.0) -> torch.Tensor:
-    """The same attention written out (attn_implementation="eager"); softmax in fp32."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if causal:  # top-left aligned, as SDPA's is_causal (only used when queries == keys)
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(F.dropout(probs, dropout) if dropout else probs, v)
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
 # ============================================================================ layers
@@ -162,7 +139,7 @@ class SpiralAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         keys, values, mask, causal = (k, v, None, True) if kv is None else kv.update(k, v, span)
         dropout = self.dropout if self.training else 0.0
-        attend = ATTENTION_FUNCTIONS.get(self.config._attn_implementation, sdpa_attention)
+        attend = ATTENTION_FUNCTIONS.get(self.config._attn_implementation, ATTENTION_FUNCTIONS["sdpa"])
         out = attend(q, keys, values, mask, causal, scale, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, k_len, -1))
 
