@@ -155,11 +155,13 @@ def main(argv=None) -> int:
     print(f"reference run: {time.time() - began:.1f} s; kills fall in [{0.25 * max_wait:.1f}, {max_wait:.1f}] s "
           "after each launch (or as soon as a save is under way)", flush=True)
     unloadable, leftovers_total, kills, during = 0, 0, 0, 0
-    for k in range(args.kills):
+    attempts = 0
+    while kills < args.kills and attempts < 3 * args.kills:
+        attempts += 1
         aim = rng.random() < args.during_save_fraction
         seconds, saving, finished, leftovers = kill_once(test, args.train_iters, aim, max_wait, rng)
         if finished:
-            print(f"kill {k + 1:2d}: the run finished before the kill; restarting the count")
+            print(f"launch {attempts:2d}: the run finished before the kill; starting over from scratch")
             shutil.rmtree(test)
             continue
         kills += 1
