@@ -83,7 +83,7 @@ _LOOPED_RE = re.compile(r"^(\d+)\+(\d+)[x×*]\{([^{}]*)\}\+(\d+)$")
 
 
 def parse_resolution(text: str) -> Fraction:
-    """``"1/8"`` / ``"0.125"`` / ``"1"`` -> Fraction in (0, 1]."""
+    """``"1/8"`` / ``"0.125"`` / ``"1"`` -> Fraction 1/g in (0, 1] (g an integer chunk size)."""
     try:
         value = Fraction(text.strip())
     except (ValueError, ZeroDivisionError):
@@ -92,6 +92,12 @@ def parse_resolution(text: str) -> Fraction:
         ) from None
     if not (0 < value <= 1):
         raise SpiralConfigError(f"resolution {text!r} must lie in (0, 1] (eq. 7: L_t = r_t L)")
+    if value.numerator != 1:
+        # A chunk holds g_t = 1/r_t tokens (eq. 13); rounding 3/8 down to g = 2 would silently run 1/2.
+        lower, upper = Fraction(1, int(1 / value) + 1), Fraction(1, int(1 / value))
+        raise SpiralConfigError(
+            f"resolution {text!r}: a chunk holds g = 1/r tokens (eq. 13), and 1/r = {1 / value} is not "
+            f"an integer; use r = 1/g, e.g. {lower} or {upper}")
     return value
 
 

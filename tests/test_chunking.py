@@ -72,3 +72,13 @@ def test_to_chunks_round_trip():
     back = chunking.from_chunks(chunked, 13, 2)
     assert back[:10, 0].tolist() == list(range(10)) and back[10:].abs().sum() == 0
     assert chunking.real_slot_mask(13, 4, 2)[0].tolist() == [False, False, True, True]
+
+
+def test_resolution_whose_chunk_size_is_not_an_integer_is_refused():
+    """Issue 10: '2+4x{3/8}+2' used to run as 1/2 (g = floor(8/3) = 2) without a word."""
+    import pytest
+    from megatron_spiral.config import SpiralConfigError, parse_layout
+
+    with pytest.raises(SpiralConfigError, match=r"1/r = 8/3 is not an integer; use r = 1/g, e.g. 1/3 or 1/2"):
+        parse_layout("2+4x{3/8}+2")
+    assert [str(r) for r in parse_layout("1+1x{1/3,0.125,1}+1").resolutions] == ["1/3", "1/8", "1"]
