@@ -306,7 +306,8 @@ def test_resume_refuses_a_different_embedding_scale(tmp_path):
     tiny = ["--preset", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--log-interval", "1", "--eval-iters", "0", "--save", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    first = subprocess.run([sys.executable, script, *tiny, "--train-iters", "1", "--spiral-embedding-scale", "none"],
+    first = subprocess.run([sys.executable, script, *tiny, "--train-iters", "2", "--exit-interval", "1",
+                            "--spiral-embedding-scale", "none"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     meta_path = tmp_path / "iter_0000001" / CONFIG_FILE
@@ -314,10 +315,12 @@ def test_resume_refuses_a_different_embedding_scale(tmp_path):
     for name in ("embedding_scale", "output_init_depth", "untie_core"):
         del meta["model"][name]  # as written before issue 12
     meta_path.write_text(json.dumps(meta))
+    (tmp_path / "iter_0000001" / "checksums.json").unlink()  # such checkpoints predate checksums too
     resume = [sys.executable, script, *tiny, "--load", str(tmp_path), "--train-iters", "2"]
     refused = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode != 0
-    assert "embedding_scale='none' but this run builds embedding_scale='sqrt_d'" in refused.stdout + refused.stderr
+    assert ("embedding_scale (--spiral-embedding-scale): checkpoint 'none', this run 'sqrt_d'"
+            in refused.stdout + refused.stderr)
     again = subprocess.run(resume + ["--spiral-embedding-scale", "none"], capture_output=True, text=True,
                            env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 * Every SpiralConfig field (generically, ``dataclasses.fields``): a field an older checkpoint lacks
   counts as its default. ``IMPLEMENTATION_FIELDS`` choose how layers are computed, not what they
-  are, and may differ.
+  are, and ``INITIALISATION_FIELDS`` only shape the initial weights: both may differ.
 * The tokenizer: vocabulary size, EOD/pad ids and the vocabulary's sha256 fingerprint.
 * The LR/WD schedule, by Megatron-LM's rule (``OptimizerParamScheduler._check_and_set``): a
   changed value is refused unless ``--override-opt-param-scheduler`` (use the new flags) or
@@ -19,6 +19,8 @@ from megatron_spiral.checkpointing import CheckpointError
 from megatron_spiral.config import LEGACY_RECIPE, SpiralConfig
 
 IMPLEMENTATION_FIELDS = frozenset({"transformer_impl"})
+# Fields that only shape the initial weights: a resumed run never draws them again.
+INITIALISATION_FIELDS = frozenset({"init_method_std", "output_init_depth", "mesh_router_init"})
 
 # OptimizerParamScheduler.state_dict() keys Megatron-LM checks on load, with the flags that set them.
 SCHEDULE_FIELDS = (
@@ -49,7 +51,7 @@ def model_differences(saved: dict, current: SpiralConfig) -> List[Tuple[str, obj
     """(field, checkpoint value, this run's value) for every architecture field that differs."""
     diffs = []
     for field in dataclasses.fields(SpiralConfig):
-        if field.name in IMPLEMENTATION_FIELDS:
+        if field.name in IMPLEMENTATION_FIELDS or field.name in INITIALISATION_FIELDS:
             continue
         # A field the checkpoint lacks was written before it existed: the old behaviour (recipe
         # fields: LEGACY_RECIPE; the others' defaults are the old behaviour).
