@@ -9,7 +9,7 @@ Prints (not a timed test):
   3. the no-overlap regime (shift=parallel, App. E): per-token critical-path latency with the
      coarse work inline vs deferred to the idle slot after sampling vs in a background thread.
 
-Example (the figures in the README, "Decode benchmark"):
+Example (the figures in docs/huggingface.md, "Decode benchmark"):
   python bench/bench_decode.py --hidden-size 256 --heads 4 --layout "2+4x{1/8,1/4,1/2,1}+2"
 """
 

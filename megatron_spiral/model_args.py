@@ -178,4 +178,6 @@ def describe_architecture(config: SpiralConfig) -> str:
             f"embeddings={'tied' if config.tied_embeddings else 'untied'} "
             f"dropout(hidden={config.hidden_dropout:g}, attention={config.attention_dropout:g}) "
             f"RoPE(percent={config.rotary_percent:g}, base={config.rotary_base}) "
-            f"seq={config.seq_length} max_positions={config.max_positions}")
+            f"seq={config.seq_length} max_positions={config.max_positions} "
+            f"embedding_scale={config.embedding_scale} output_init_depth={config.output_init_depth}"
+            + (" untied core passes" if config.untie_core else ""))

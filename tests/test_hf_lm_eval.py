@@ -1,4 +1,4 @@
-"""lm-evaluation-harness runs on an export, offline, with a local task file (README, "Evaluate with lm-evaluation-harness").
+"""lm-evaluation-harness runs on an export, offline, with a local task file (docs/huggingface.md, "Evaluate with lm-evaluation-harness").
 
 The harness's per-choice log-likelihoods must equal the ones computed directly with the model,
 so a wrong padding / truncation path in the export would fail here, not just run.

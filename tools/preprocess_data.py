@@ -8,7 +8,7 @@ Example (one Pile shard, GPT-NeoX-20B tokenizer, pretraining with EOD separators
         --append-eod --workers 2
 
 writes data/pile_00_text_document.bin/.idx, readable by megatron.core's IndexedDataset and usable as
-``--data-path data/pile_00_text_document``. The README ("Data") has every flag and the full Pile recipe.
+``--data-path data/pile_00_text_document``. docs/data.md has every flag and the full Pile recipe.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class DataConfig:
         if self.data_path and per_split:
             raise ValueError("--data-path (with --split) excludes --train/valid/test-data-path.")
         if not self.mock_data and not self.data_path and not per_split:
-            raise ValueError("no training data: pass --data-path PREFIX (see the README, 'Data') or --mock-data.")
+            raise ValueError("no training data: pass --data-path PREFIX (see docs/data.md) or --mock-data.")
         if self.seq_length < 2:
             raise ValueError("--seq-length must be at least 2.")
         if self.data_path:
