@@ -237,6 +237,8 @@ def _cache_dirs(config) -> List[str]:
 
 
 def megatron_num_samples(train_iters: int, eval_iters: int, eval_interval: int, global_batch_size: int) -> List[int]:
-    """Megatron-LM's train/valid/test sample counts for an iteration schedule."""
-    evals = (train_iters // eval_interval + 1) * eval_iters if eval_interval else 0
-    return [train_iters * global_batch_size, evals * global_batch_size, eval_iters * global_batch_size]
+    """Megatron-LM's train/valid/test sample counts for an iteration schedule: validation for every
+    --eval-interval evaluation plus the final one, test for one evaluation."""
+    evaluations = (train_iters // eval_interval if eval_interval else 0) + 1
+    return [train_iters * global_batch_size, evaluations * eval_iters * global_batch_size,
+            eval_iters * global_batch_size]

@@ -6,6 +6,7 @@ import dataclasses
 
 from megatron.core import parallel_state
 
+from megatron_spiral.data.gpt_data import megatron_num_samples
 from megatron_spiral.data.loader import build_train_valid_test_data_iterators
 from megatron_spiral.tokenizer import build_tokenizer
 
@@ -22,15 +23,14 @@ def build_run_tokenizer(run):
 
 
 def train_valid_test_num_samples(train, state) -> list:
-    """Megatron-LM's get_train_valid_test_num_samples: train samples (--train-samples or iterations
-    x global batch), validation for every evaluation plus the final one, test for one evaluation.
-    --eval-iters 0 builds no validation or test data."""
-    gbs = state.global_batch_size
-    train_samples = train.train_samples or state.train_iters * gbs
-    if train.eval_iters <= 0:
-        return [train_samples, 0, 0]
-    evaluations = (state.train_iters // train.eval_interval if train.eval_interval else 0) + 1
-    return [train_samples, evaluations * train.eval_iters * gbs, train.eval_iters * gbs]
+    """Megatron-LM's get_train_valid_test_num_samples: ``megatron_num_samples`` of the run's
+    iterations, with --train-samples replacing the train count. --eval-iters 0 builds no validation
+    or test data."""
+    counts = megatron_num_samples(state.train_iters, max(train.eval_iters, 0), train.eval_interval,
+                                  state.global_batch_size)
+    if train.train_samples:
+        counts[0] = train.train_samples
+    return counts
 
 
 def build_iterators(run, state, tokenizer):
