@@ -22,6 +22,8 @@ MODES = {
     "loop + full": dict(spiral_recompute_loop=True, recompute_granularity="full",
                         recompute_method="uniform", recompute_num_layers=1),
     "loop + selective": dict(spiral_recompute_loop=True, recompute_granularity="selective"),
+    "loop + block 1": dict(spiral_recompute_loop=True, recompute_granularity="full",
+                           recompute_method="block", recompute_num_layers=1),
 }
 
 
@@ -105,6 +107,7 @@ def test_each_mode_keeps_fewer_tensors_and_eval_mode_does_not_checkpoint():
     assert all(value < baseline for value in saved.values()), (baseline, saved)
     assert saved["full uniform 1"] < saved["full block 1"] < baseline
     assert saved["loop + full"] < saved["loop"] < baseline
+    assert saved["loop + block 1"] < saved["loop"]  # the pre/post layers keep only their inputs
     # checkpointing is a training-time behaviour (megatron checks self.training): eval keeps all
     evaluated = _model("mesh", RecomputeConfig(**MODES["loop + full"])).eval()
     assert _saved_bytes(evaluated, ids) == _saved_bytes(_model("mesh", RecomputeConfig()).eval(), ids)
@@ -136,7 +139,7 @@ def _tp_compare_all(topology_modes):
 def test_recompute_under_tp2_sequence_parallel_matches_no_recompute():
     run_on_ranks(_tp_compare_all, 2, [
         ("anchor", ["full uniform 1", "loop", "selective (core_attn)"]),
-        ("mesh", ["full block 1", "loop + full", "loop + selective"]),
+        ("mesh", ["full block 1", "loop + full", "loop + selective", "loop + block 1"]),
     ])
 
 
@@ -161,8 +164,26 @@ def test_recompute_activations_means_selective_and_mode_names():
     assert mode_config("loop+full").transformer_config_overrides() == dict(
         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     assert mode_config("loop+full").spiral_recompute_loop and mode_config("none").mode == "none"
-    with pytest.raises(RecomputeConfigError, match="not one of"):
-        mode_config("full+selective")
+    assert mode_config("loop+block2").transformer_config_overrides() == dict(
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=2)
+    for bad in ("full+selective", "block0", "loop+full+block1"):
+        with pytest.raises(RecomputeConfigError, match="not one of"):
+            mode_config(bad)
+
+
+def test_loop_recompute_nests_uniform_in_the_core_but_not_block():
+    """Under --spiral-recompute-loop the iteration checkpoint covers the core: block recompute
+    (memory for little compute) then applies to the pre/post stacks only, uniform stays nested."""
+    from megatron_spiral.parallel import ensure_parallel
+
+    ensure_parallel(seed=3)
+    block = _model("mesh", mode_config("loop+block1")).decoder
+    assert block.core.config.recompute_granularity is None
+    assert (block.pre.config.recompute_method, block.post.config.recompute_num_layers) == ("block", 1)
+    uniform = _model("mesh", mode_config("loop+full")).decoder
+    assert (uniform.core.config.recompute_method, uniform.core.config.recompute_num_layers) == ("uniform", 1)
+    plain_block = _model("mesh", mode_config("block1")).decoder  # without loop the core keeps block
+    assert plain_block.core.config.recompute_method == "block"
 
 
 def test_pretrain_cli_accepts_and_rejects_recompute_flags():

@@ -141,6 +141,8 @@ def iteration_bytes(config: SpiralConfig, t: int, length: int, setup: MemorySetu
             padded = (length + omega) * b * d * act if omega else 0
             weights = latents * g * b * (FP32 + (act if act != FP32 else 0))
             parts["downscale"] = padded + weights + latents * g
+            if setup.sp > 1:  # the scorer keeps the all-gathered full-length state, not the shard
+                parts["downscale"] += length * b * d * act
         parts["core input z"] = hidden_bytes(config, core_l, setup)
         if config.upscale == "router":
             # the core output zhat (router input), fp32 router softmax, gain-scaled weights
@@ -157,7 +159,7 @@ def state_saved(config: SpiralConfig, t: int, length: int, setup: MemorySetup) -
     if num_chunks(length, g, omega) == 0:
         return config.topology == "mesh"
     return (setup.recompute.spiral_recompute_loop or config.topology == "mesh" or g == 1
-            or config.downscale == "self_aggregation")
+            or (config.downscale == "self_aggregation" and setup.sp == 1))  # SP: iteration_bytes
 
 
 def mesh_bytes(config: SpiralConfig, length: int, setup: MemorySetup) -> int:
@@ -238,9 +240,12 @@ def activation_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
 
 def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
     """Transient bytes during backward: the logits gradient in the activation dtype and, with
-    recompute, what the largest recomputed unit re-materialises: one group of layers under
-    ``full``; one iteration under ``loop`` (its core keeping only layer inputs when ``full`` is on
-    too, plus one layer being recomputed inside it)."""
+    recompute, what the largest recomputed unit re-materialises. Under ``full`` that is one group
+    of ``--recompute-num-layers`` layers (uniform) or one layer (block: megatron checkpoints each
+    of the first N layers on its own). Under ``loop`` it is one iteration: with ``uniform`` nested
+    inside it, the core's group inputs plus one group being recomputed; otherwise (block drops the
+    core's own checkpoints, model/recompute.py) the whole iteration, while pre/post layers are
+    recomputed at other moments of the backward."""
     length = setup.seq_length or config.seq_length
     logits_grad = length * setup.micro_batch_size * config.padded_vocab_size \
         // setup.tensor_model_parallel_size * setup.act
@@ -248,17 +253,21 @@ def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
     plain = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig()})
     layer_unit = 0
     if rc.recompute_granularity == "full":
-        per = min(rc.recompute_num_layers, max(config.parsed_layout.num_unique_layers, 1))
+        per = 1 if rc.recompute_method == "block" else min(
+            rc.recompute_num_layers, max(config.parsed_layout.num_unique_layers, 1))
         layer_unit = per * (layer_internal_bytes(config, length, plain) + hidden_bytes(config, length, plain))
-    unit = layer_unit
-    if rc.spiral_recompute_loop and config.parsed_layout.is_looped:
-        inner = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig(
-            recompute_granularity=rc.recompute_granularity, recompute_method=rc.recompute_method,
-            recompute_num_layers=rc.recompute_num_layers, recompute_modules=rc.recompute_modules)})
-        iteration = max(sum(iteration_bytes(config, t, length, inner).values())
-                        for t in range(config.num_iterations))
-        unit = iteration + layer_unit
-    return logits_grad + unit
+    if not (rc.spiral_recompute_loop and config.parsed_layout.is_looped):
+        return logits_grad + layer_unit
+    nested = rc.recompute_granularity == "full" and rc.recompute_method == "uniform"
+    selective = rc.recompute_granularity == "selective"  # stays on inside the iteration
+    inner = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig(
+        recompute_granularity=rc.recompute_granularity if nested or selective else None,
+        recompute_method=rc.recompute_method if nested else None,
+        recompute_num_layers=rc.recompute_num_layers if nested else None,
+        recompute_modules=rc.recompute_modules)})
+    iteration = max(sum(iteration_bytes(config, t, length, inner).values())
+                    for t in range(config.num_iterations))
+    return logits_grad + (iteration + layer_unit if nested else max(iteration, layer_unit))
 
 
 # ------------------------------------------------------------------ weights and optimizer

@@ -16,9 +16,12 @@ Megatron-LM's (core_v0.16.1) flags keep their names, defaults and meanings:
 * ``--spiral-recompute-loop`` (ours): recompute each loop iteration as a whole,
   down-scale -> core -> up-scale -> shift. A coarse iteration then keeps only its input state
   (and its output, which the topology needs) instead of every core layer's activations at L_t.
-  It combines with ``full``: the core keeps its layer checkpoints inside the iteration's, so the
-  backward re-materialises one layer at a time (the core's forward runs three times instead of
-  two), and with ``selective``.
+  It combines with ``full``. With ``uniform`` the core keeps its layer checkpoints inside the
+  iteration's, so the backward re-materialises one group of layers at a time (the core's forward
+  runs three times instead of two). With ``block`` the core has no checkpoints of its own (the
+  iteration's already covers it): block N then recomputes the first N layers of the pre and
+  post stacks only, the cheap way to add their memory to the loop's. It also combines with
+  ``selective``.
 
 Recomputation uses megatron's ``tensor_parallel.checkpoint``, which restores the CPU, CUDA and
 tensor-parallel RNG tracker states before re-running, so dropout masks of the recomputed forward
@@ -27,6 +30,7 @@ equal the original ones.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -131,30 +135,39 @@ class RecomputeConfig:
 
 
 def mode_config(mode: str) -> RecomputeConfig:
-    """RecomputeConfig of a benchmark/report mode name: none, full (uniform, 1 layer),
-    selective, loop, loop+full, loop+selective."""
-    parts = set(mode.split("+")) if mode != "none" else set()
-    unknown = parts - {"loop", "full", "selective"}
-    if unknown or ("full" in parts and "selective" in parts):
+    """RecomputeConfig of a benchmark/report mode name: none, selective, full (uniform, 1 layer),
+    blockN (full, block, N layers per stack), each optionally prefixed by ``loop+``."""
+    parts = mode.split("+") if mode != "none" else []
+    loop = "loop" in parts
+    rest = [part for part in parts if part != "loop"]
+    block = re.fullmatch(r"block([1-9][0-9]*)", rest[0]) if len(rest) == 1 else None
+    if len(rest) > 1 or (rest and rest[0] not in ("full", "selective") and not block):
         raise RecomputeConfigError(
-            f"recompute mode {mode!r} is not one of none, full, selective, loop, loop+full, "
-            "loop+selective")
-    full = "full" in parts
+            f"recompute mode {mode!r} is not one of none, selective, full, blockN, each optionally "
+            "prefixed by loop+ (e.g. loop+full, loop+block2)")
+    granularity = None if not rest else ("selective" if rest[0] == "selective" else "full")
     return RecomputeConfig(
-        recompute_granularity="full" if full else ("selective" if "selective" in parts else None),
-        recompute_method="uniform" if full else None,
-        recompute_num_layers=1 if full else None,
-        spiral_recompute_loop="loop" in parts)
+        recompute_granularity=granularity,
+        recompute_method=("block" if block else "uniform") if granularity == "full" else None,
+        recompute_num_layers=(int(block.group(1)) if block else 1) if granularity == "full" else None,
+        spiral_recompute_loop=loop)
 
 
 MODES = ("none", "selective", "full", "loop", "loop+full")
 
 
-def stack_recompute_overrides(config, num_layers: int) -> dict:
+def stack_recompute_overrides(config, num_layers: int, inside_loop_checkpoint: bool = False) -> dict:
     """Recompute fields of one stack's TransformerConfig: ``recompute_num_layers`` clipped to the
-    stack's depth (megatron's uniform recompute would index past the last layer otherwise)."""
+    stack's depth (megatron's uniform recompute would index past the last layer otherwise).
+
+    ``inside_loop_checkpoint``: the core under ``--spiral-recompute-loop``. The iteration
+    checkpoint already recomputes it whole, so ``block`` (recompute a few layers to save memory
+    cheaply) adds nothing there and is dropped; ``uniform`` stays nested, so its backward
+    re-materialises one group of core layers at a time."""
     if config.recompute_granularity != "full":
         return {}
+    if inside_loop_checkpoint and config.recompute_method == "block":
+        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
     return dict(recompute_num_layers=min(config.recompute_num_layers, num_layers))
 
 

@@ -38,12 +38,13 @@ from megatron_spiral.model.resampling import Resampler, causal_shift, pad_to_mul
 from megatron_spiral.model.topology import build_topology
 
 
-def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection):
+def _stack(config: TransformerConfig, layer_spec: ModuleSpec, num_layers: int, pg_collection,
+           inside_loop_checkpoint: bool = False):
     if num_layers == 0:
         return None
     # Each stack is its own megatron block: its checkpoint layer axis has num_layers entries.
     # (The scaled output-projection init already fixed in ``config`` keeps using the model depth.)
-    recompute = stack_recompute_overrides(config, num_layers)
+    recompute = stack_recompute_overrides(config, num_layers, inside_loop_checkpoint)
     return TransformerBlock(
         config=dataclasses.replace(config, num_layers=num_layers, **recompute),
         spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=None),
@@ -99,11 +100,12 @@ class SpiralBlock(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
 
         self.pre = _stack(config, layer_spec, layout.num_pre, pg_collection)
+        core_stack = functools.partial(_stack, config, layer_spec, layout.num_loop, pg_collection,
+                                       inside_loop_checkpoint=recompute_loop)
         if spiral.num_core_copies > 1:
-            self.core = UntiedCore(config, [_stack(config, layer_spec, layout.num_loop, pg_collection)
-                                            for _ in range(spiral.num_core_copies)])
+            self.core = UntiedCore(config, [core_stack() for _ in range(spiral.num_core_copies)])
         else:
-            self.core = _stack(config, layer_spec, layout.num_loop, pg_collection)
+            self.core = core_stack()
         self.embedding_multiplier = spiral.embedding_multiplier
         self.post = _stack(config, layer_spec, layout.num_post, pg_collection)
         self.final_layernorm = build_module(
@@ -138,7 +140,9 @@ class SpiralBlock(MegatronModule):
     def _local_shard(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
             return hidden
-        return tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        shard = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        # megatron's split returns a view: whoever saves the shard would keep all TP shards alive
+        return shard.clone() if shard.untyped_storage().nbytes() > shard.nbytes else shard
 
     # ---------------------------------------------------------------- Algorithm 1
     def loop_iteration(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
@@ -151,17 +155,23 @@ class SpiralBlock(MegatronModule):
         else:
             shifted = self._iteration_update(t, state, rotary_pos_emb)
         if self.update_hook is not None:  # outside the checkpoint: called once per forward
-            self.update_hook(t, shifted)
-        return self._local_shard(shifted)
+            with torch.no_grad():
+                self.update_hook(t, self._full_sequence(shifted))
+        return shifted
 
     def _iteration_update(self, t: int, state: torch.Tensor, rotary_pos_emb) -> torch.Tensor:
-        """Eq. 8-10 and 22 of iteration t on the full sequence: u~^(t) = shift(S_up(f(S_down(h))))."""
+        """Eq. 8-10 and 22 of iteration t: u~^(t) = shift(S_up(f(S_down(h)))), on the local shard."""
         resampler = self.resamplers[t]
+        if resampler.chunk_size == 1 and resampler.shift == 0:
+            # identity resampling: the core runs on the local shard as it is (no gather/scatter,
+            # and no full-length copy of the state for autograd to keep)
+            return self.core_stack(t)(hidden_states=state, attention_mask=None,
+                                      rotary_pos_emb=rotary_pos_emb)  # eq. 9
         full_state = self._full_sequence(state)
         length = full_state.shape[0]
         num_latents = resampler.num_chunks(length)
         if num_latents == 0:  # sequence shorter than one chunk: nothing is causal-safe to add
-            return torch.zeros_like(full_state)
+            return torch.zeros_like(state)
         latents = resampler.downscale(full_state)  # eq. 8
         multiple = self.tp_size if self.sequence_parallel else 1
         core_input = self._local_shard(pad_to_multiple(latents, multiple))
@@ -170,7 +180,7 @@ class SpiralBlock(MegatronModule):
                                          rotary_pos_emb=core_rope)  # eq. 9
         core_output = self._full_sequence(core_output)[:num_latents]
         update = resampler.upscale(core_output, length)  # eq. 10
-        return causal_shift(update, resampler.shift)  # eq. 22
+        return self._local_shard(causal_shift(update, resampler.shift))  # eq. 22
 
     def core_stack(self, t: int) -> TransformerBlock:
         """The core weights of iteration t: the shared stack, or pass t's own when untied."""
