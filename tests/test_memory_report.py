@@ -204,3 +204,176 @@ def test_bench_recompute_modes_side_by_side(capsys):
     assert re.search(r"\| SpiralFormer-B +\| none +\| +[\d.]+ \| +1\.000 \|", out)
     assert re.search(r"goal full +SpiralFormer-B +\(full\)", out)
     assert re.search(r"goal loop-aware SpiralFormer-B +\(loop\)", out)
+
+
+# ------------------------------------------------------------------ architecture flags (issue 13)
+ARCHITECTURES = {  # the Megatron-LM layer flags the memory model covers, one at a time and together
+    "swiglu": dict(swiglu=True),
+    "gqa 2 of 4": dict(group_query_attention=True, num_query_groups=2),
+    "kv_channels 12": dict(kv_channels=12),
+    "no bias": dict(disable_bias_linear=True),
+    "qkv bias only": dict(disable_bias_linear=True, add_qkv_bias=True),
+    "hidden dropout": dict(hidden_dropout=0.1),
+    "attention dropout": dict(attention_dropout=0.1),
+    "tied": dict(untie_embeddings_and_output_weights=False),
+    "all": dict(swiglu=True, group_query_attention=True, num_query_groups=2, kv_channels=12,
+                disable_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.1, attention_dropout=0.1,
+                untie_embeddings_and_output_weights=False, rotary_percent=0.5),
+}
+
+
+def _retained_saved_bytes(model, ids) -> int:
+    """Bytes of the storages autograd saved during one forward that are still alive after it.
+
+    bench_training_speed.saved_tensor_bytes counts every storage ever packed; with linear biases
+    and hidden dropout megatron-core's bias-dropout-add records a graph under enable_grad even
+    inside a no-grad checkpoint, which the checkpoint then frees, and a freed address can be reused
+    by a later saved tensor. Here a storage counts while it lives (a freed one is replaced)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and (ptr not in kept or kept[ptr][1].expired()):
+            kept[ptr] = (storage.nbytes(), StorageWeakRef(storage))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, labels=ids)
+    total = sum(size for size, ref in kept.values() if not ref.expired())
+    del loss
+    return total
+
+
+def _measure_against_model(preset, extra, recompute):
+    from megatron_spiral import build_model
+
+    ids = torch.randint(0, 200, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = build_model(preset, seed=1, recompute=recompute, **TINY, **extra)
+    measured = _retained_saved_bytes(model.train(), ids)
+    predicted = activation_bytes(model.config, MemorySetup(micro_batch_size=2, recompute=recompute,
+                                                           device="cpu"))
+    return predicted, measured
+
+
+def test_architecture_flags_activation_bytes_equal_retained_saved_storages():
+    """SwiGLU, GQA, --kv-channels, biases, hidden / attention dropout (CPU: SDPA's math kernel),
+    tied embeddings, alone and together, on the baseline (recompute none / full) and
+    SpiralFormer-B (MeSH; none / full / loop), plus selective, loop + full block and Anchor under
+    loop: fp32 predictions against what autograd keeps. Each total lies within 10%, and what a
+    flag adds over the same model without it is exact to the byte (a 10% bound alone would pass
+    a wrong SwiGLU term at these dims). Measured worst error of the totals: 0 (torch 2.13 CPU)."""
+    cases = [(preset, name, mode, mode_config(mode))
+             for preset, modes in (("pythia-160m", ("none", "full")),  # loop: nothing to loop over
+                                   ("spiral-b-160m-mesh", ("none", "full", "loop")))
+             for name in ARCHITECTURES for mode in modes]
+    cases += [("spiral-b-160m-mesh", name, "selective", mode_config("selective"))
+              for name in ("gqa 2 of 4", "attention dropout", "all")]
+    cases += [("spiral-b-160m-mesh", "hidden dropout", "loop+full block 1", RecomputeConfig(
+        spiral_recompute_loop=True, recompute_granularity="full", recompute_method="block",
+        recompute_num_layers=1))]
+    cases += [("looped-160m-anchor", "hidden dropout", "loop", mode_config("loop"))]
+    baselines, failures, worst = {}, [], 0.0
+    for preset, name, mode, recompute in cases:
+        if (preset, mode) not in baselines:
+            baselines[preset, mode] = _measure_against_model(preset, {}, recompute)
+        base_predicted, base_measured = baselines[preset, mode]
+        predicted, measured = _measure_against_model(preset, ARCHITECTURES[name], recompute)
+        error = abs(predicted - measured) / measured
+        worst = max(worst, error)
+        if error > 0.10 or predicted - base_predicted != measured - base_measured:
+            failures.append(f"{preset} {name} {mode}: predicted {predicted} ({predicted - base_predicted:+d} "
+                            f"over no flag), measured {measured} ({measured - base_measured:+d})")
+    assert not failures, "\n".join(failures)
+    assert worst < 0.10
+
+
+def test_architecture_terms_of_one_layer():
+    """The per-layer terms by flag (d = 32, 4 heads, l = 64, b = 2, fp32): what each variant adds."""
+    from megatron_spiral.analysis.memory import layer_internal_parts
+
+    def parts(device="cpu", **extra):
+        config = get_preset("pythia-160m", **TINY, **extra)
+        return layer_internal_parts(config, 64, MemorySetup(micro_batch_size=2, device=device))
+
+    tokens, base = 128, parts()
+    assert base["attention q, k, v, output"] == 6 * tokens * 32 * 4          # QKV (3) + q, k, out
+    assert base["mlp"] == 2 * tokens * 128 * 4 and "dropout masks" not in base
+    gqa = parts(group_query_attention=True, num_query_groups=2)
+    assert gqa["attention q, k, v, output"] == 4 * tokens * 32 * 4           # repeated k, v replace QKV
+    assert parts(kv_channels=12)["attention q, k, v, output"] == 6 * tokens * 4 * 12 * 4
+    assert parts(swiglu=True)["mlp"] == 5 * tokens * 64 * 4                  # ffn int(8h/3/64)*64 = 64
+    assert parts(disable_bias_linear=True) == base
+    assert parts(hidden_dropout=0.1)["dropout masks"] == 2 * tokens * 32 * 4
+    assert parts("cuda", hidden_dropout=0.1)["dropout masks"] == 2 * tokens * 32  # bool masks
+    cpu, cuda = parts(attention_dropout=0.1), parts("cuda", attention_dropout=0.1)
+    assert cpu["attention core"] == 3 * 2 * 4 * 64 * 64 * 4                  # probs, mask, dropped
+    assert cuda == base                                                      # flash: RNG seed only
+    with pytest.raises(ValueError, match="device"):
+        MemorySetup(device="gpu")
+
+
+def _tp2_params_per_rank(configs):
+    from megatron.core import parallel_state
+
+    from megatron_spiral.analysis.memory import params_per_rank
+    from megatron_spiral.config import SpiralConfig
+    from megatron_spiral.model.spiral_model import SpiralGPTModel, transformer_config
+    from megatron_spiral.parallel import initialize_parallel
+
+    initialize_parallel(tensor_model_parallel_size=2, seed=3)
+    for knobs in configs:
+        spiral = SpiralConfig(**knobs)
+        model = SpiralGPTModel(transformer_config(spiral, tensor_model_parallel_size=2), spiral)
+        real = sum(p.numel() for p in model.parameters())
+        assert real == params_per_rank(spiral, 2), (knobs, real, params_per_rank(spiral, 2))
+    parallel_state.destroy_model_parallel()
+
+
+def test_params_per_rank_equals_the_tp2_shard_under_every_layer_flag():
+    """The TP split comes from accounting.layer_param_tensors, whose names and split flags are
+    megatron's (``tensor_model_parallel`` on the built parameters); per-rank numel on two gloo
+    ranks equals params_per_rank for GQA, --kv-channels, no bias, qkv bias, SwiGLU, tied, untied core."""
+    from distributed import run_on_ranks
+    from megatron_spiral import build_model
+    from megatron_spiral.analysis.accounting import layer_param_tensors
+
+    for knobs in (dict(), dict(swiglu=True, group_query_attention=True, num_query_groups=2,
+                               kv_channels=12, disable_bias_linear=True, add_qkv_bias=True)):
+        model = build_model("pythia-160m", **TINY, layout="1", **knobs)
+        layer = model.gpt.decoder.pre.layers[0]
+        built = {name: (p.numel(), bool(getattr(p, "tensor_model_parallel", False)))
+                 for name, p in layer.named_parameters()}
+        assert built == layer_param_tensors(model.config)
+    base = dict(layout="1+2x{1/4,1}+1", hidden_size=32, num_attention_heads=4, vocab_size=200,
+                seq_length=32, transformer_impl="local")
+    run_on_ranks(_tp2_params_per_rank, 2, [
+        base,
+        {**base, "group_query_attention": True, "num_query_groups": 2, "kv_channels": 12,
+         "disable_bias_linear": True, "add_qkv_bias": True, "swiglu": True},
+        {**base, "disable_bias_linear": True, "untie_embeddings_and_output_weights": False,
+         "normalization": "RMSNorm", "untie_core": True},
+    ])
+
+
+def test_model_report_memory_cli_takes_the_architecture_flags(capsys):
+    """--swiglu, GQA, --kv-channels, --disable-bias-linear and both dropouts reach the memory model
+    (in-process: tools/model_report.py's main), and the report says what it assumes."""
+    spec = importlib.util.spec_from_file_location("model_report", os.path.join(ROOT, "tools", "model_report.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    flags = ["--swiglu", "--group-query-attention", "--num-query-groups", "4", "--kv-channels", "96",
+             "--disable-bias-linear", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+    assert tool.main(["--preset", "pythia-160m", "--memory", "--bf16", "--json", *flags]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = get_preset("pythia-160m", swiglu=True, group_query_attention=True, num_query_groups=4,
+                        kv_channels=96, disable_bias_linear=True, hidden_dropout=0.1, attention_dropout=0.1)
+    expected = memory_report(config, MemorySetup(bf16=True, seq_length=config.seq_length))
+    plain = memory_report(get_preset("pythia-160m"), MemorySetup(bf16=True))
+    assert info["total"] == expected.total != plain.total
+    assert info["activation_parts"]["embedding dropout mask"] == 4096 * 768  # bool, at L
+    assert tool.main(["--preset", "pythia-160m", "--memory", *flags]) == 0
+    assert "assumes CUDA: torch SDPA runs its flash" in capsys.readouterr().out

@@ -10,35 +10,68 @@ Training FLOPs per token are 3x the forward (forward + backward); MFU uses these
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model.chunking import num_chunks
 
 
-def attention_params(config: SpiralConfig) -> int:
-    """QKV projection to (heads + 2 * query_groups) * head_dim rows and the output projection
-    from heads * head_dim; biases as Megatron-LM places them (QKV: add_bias_linear or
-    add_qkv_bias; output: add_bias_linear)."""
-    d, kv = config.hidden_size, config.head_dim
+def layer_param_tensors(config: SpiralConfig) -> Dict[str, Tuple[int, bool]]:
+    """The parameter tensors of one layer as megatron-core's local spec names them:
+    ``name -> (numel, split over tensor-parallel ranks)``.
+
+    QKV projects to (heads + 2 * query_groups) * head_dim rows, the output projection from
+    heads * head_dim; fc1 is 2 x ffn rows with SwiGLU (gate and up). Biases as Megatron-LM places
+    them: QKV with add_bias_linear or add_qkv_bias, the others with add_bias_linear. The
+    column-parallel QKV / fc1 split weight and bias over TP; the row-parallel proj / fc2 split the
+    weight and replicate the bias (added after the reduce); norms are replicated.
+    """
+    d, kv, f = config.hidden_size, config.head_dim, config.ffn_size
     qkv_rows = (config.num_attention_heads + 2 * config.query_groups) * kv
-    qkv = qkv_rows * d + (qkv_rows if config.qkv_bias else 0)
-    proj = config.num_attention_heads * kv * d + (d if config.linear_bias else 0)
-    return qkv + proj
+    fc1_rows = 2 * f if config.swiglu else f
+    tensors = {
+        "input_layernorm.weight": (d, False),
+        "self_attention.linear_qkv.weight": (qkv_rows * d, True),
+        "self_attention.linear_proj.weight": (config.num_attention_heads * kv * d, True),
+        "pre_mlp_layernorm.weight": (d, False),
+        "mlp.linear_fc1.weight": (fc1_rows * d, True),
+        "mlp.linear_fc2.weight": (f * d, True),
+    }
+    if config.normalization == "LayerNorm":
+        tensors["input_layernorm.bias"] = tensors["pre_mlp_layernorm.bias"] = (d, False)
+    if config.qkv_bias:
+        tensors["self_attention.linear_qkv.bias"] = (qkv_rows, True)
+    if config.linear_bias:
+        tensors["self_attention.linear_proj.bias"] = (d, False)
+        tensors["mlp.linear_fc1.bias"] = (fc1_rows, True)
+        tensors["mlp.linear_fc2.bias"] = (d, False)
+    return tensors
+
+
+def _layer_sum(config: SpiralConfig, prefix: str = "", tp: int = 1) -> int:
+    return sum(numel // tp if split else numel
+               for name, (numel, split) in layer_param_tensors(config).items() if name.startswith(prefix))
+
+
+def attention_params(config: SpiralConfig) -> int:
+    """QKV and output projections with their biases (:func:`layer_param_tensors`)."""
+    return _layer_sum(config, "self_attention.")
 
 
 def mlp_params(config: SpiralConfig) -> int:
     """fc1 (2 x ffn rows with SwiGLU: gate and up) and fc2, with biases unless disabled."""
-    d, f = config.hidden_size, config.ffn_size
-    fc1_rows = 2 * f if config.swiglu else f
-    bias = config.linear_bias
-    return fc1_rows * d + (fc1_rows if bias else 0) + f * d + (d if bias else 0)
+    return _layer_sum(config, "mlp.")
 
 
 def layer_params(config: SpiralConfig) -> int:
     """One layer: attention + MLP + two norms. GPT-NeoX defaults (ffn = 4d, biases, MHA,
     LayerNorm) give 12 d^2 + 13 d."""
-    return attention_params(config) + mlp_params(config) + 2 * norm_params(config)
+    return _layer_sum(config)
+
+
+def layer_params_per_rank(config: SpiralConfig, tp: int) -> int:
+    """One layer's parameters on one of ``tp`` tensor-parallel ranks."""
+    return _layer_sum(config, tp=tp)
 
 
 def norm_params(config: SpiralConfig) -> int:

@@ -9,10 +9,13 @@ Pure arithmetic on a SpiralConfig and the run's flags (:class:`MemorySetup`). Fo
 * activations kept for backward, resolution-aware: the pre/post stacks at L, the shared core once
   per loop iteration at its own L_t, the resampling and MeSH tensors at L, the logits and loss
   (:func:`activation_bytes`, itemised by :func:`activation_breakdown`). The terms are the tensors
-  autograd saves in megatron-core 0.16.1's local-spec layer (SDPA attention, GELU MLP, no dropout)
+  autograd saves in megatron-core 0.16.1's local-spec layer (SDPA attention; GELU or SwiGLU MLP;
+  MHA or GQA; any --kv-channels; with or without biases and dropout; :func:`layer_internal_parts`)
   and in our resampling / topology code, each counted once even when several ops save it;
   ``tests/test_memory_report.py`` checks the total against the distinct storages autograd really
-  saves;
+  saves (on CPU: ``MemorySetup.device``). On CUDA (the default) dropout masks are bool and SDPA is
+  assumed to run its flash / memory-efficient kernels, which keep no l x l tensor even under
+  attention dropout; that part is not measured here;
 * a backward working set (:func:`backward_working_bytes`): the gradient of the logits and, under
   recomputation, the activations of the largest recomputed unit, which live during its backward.
 
@@ -27,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from megatron_spiral.analysis.accounting import count_params, layer_params
+from megatron_spiral.analysis.accounting import count_params, layer_params, layer_params_per_rank
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model.chunking import num_chunks
 from megatron_spiral.model.recompute import RecomputeConfig
@@ -49,6 +52,14 @@ class MemorySetup:
     use_distributed_optimizer: bool = False
     bf16: bool = False
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    # Not a Megatron-LM flag (it trains on CUDA only): where the step runs, which decides the
+    # dropout-mask dtype and, under attention dropout, the SDPA kernel (:func:`sdpa_math_kernel`).
+    # "cpu" is what the tests measure against.
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"MemorySetup.device must be 'cuda' or 'cpu', got {self.device!r}")
 
     @property
     def act(self) -> int:
@@ -62,31 +73,107 @@ class MemorySetup:
 
 
 # ------------------------------------------------------------------ one transformer layer
-def layer_internal_bytes(config: SpiralConfig, length: int, setup: MemorySetup) -> int:
-    """Bytes one layer call at ``length`` tokens saves for backward, its input excluded.
+def rotary_dim(config: SpiralConfig) -> int:
+    """Dimensions of each head that RoPE rotates: int(head_dim * rotary_percent) (megatron-core)."""
+    return int(config.head_dim * config.rotary_percent)
 
-    Norm outputs and the mid-layer residual (3 x [l, b, d]); fused QKV, rotated q and k, the SDPA
-    output (6 x [l, b, d/tp]); MLP pre-activation and GELU output (2 x [l, b, f/tp]); the RoPE
-    cos/sin tables of q and k (4 x [l, head_dim]); SDPA's fp32 log-sum-exp; fp32 norm statistics.
-    ``--recompute-modules core_attn`` drops the log-sum-exp (q, k, v and the output stay: the
-    projections save them).
+
+def dropout_mask_bytes(setup: MemorySetup) -> int:
+    """Bytes of one saved dropout-mask element: CUDA's fused ``native_dropout`` keeps a bool mask;
+    the CPU path multiplies by a scaled mask in the activation dtype and keeps that."""
+    return 1 if setup.device == "cuda" else setup.act
+
+
+def sdpa_math_kernel(config: SpiralConfig, setup: MemorySetup) -> bool:
+    """Whether torch SDPA runs its unfused math kernel: on CPU under attention dropout (the CPU
+    flash kernel refuses dropout). On CUDA the report assumes the flash / memory-efficient kernels,
+    which take dropout and keep only an RNG seed and offset (a few bytes, not counted)."""
+    return setup.device == "cpu" and config.attention_dropout > 0
+
+
+def assumptions(config: SpiralConfig, setup: MemorySetup) -> str:
+    """What the report assumes about kernels it cannot see (printed by ``--memory``)."""
+    if setup.device == "cuda":
+        text = ("CUDA: torch SDPA runs its flash / memory-efficient kernels (no l x l tensor"
+                + (", attention dropout keeps only an RNG seed" if config.attention_dropout > 0 else "")
+                + ")")
+        if config.hidden_dropout > 0:
+            text += "; dropout masks are bool (1 byte per element)"
+        return text
+    text = "CPU: torch SDPA runs its flash kernel"
+    if config.attention_dropout > 0:
+        text = "CPU: torch SDPA runs its math kernel (attention dropout), keeping 3 x [b, heads, l, l]"
+    if config.hidden_dropout > 0:
+        text += "; dropout masks in the activation dtype"
+    return text
+
+
+def layer_internal_parts(config: SpiralConfig, length: int, setup: MemorySetup) -> Dict[str, int]:
+    """Bytes one layer call at ``length`` tokens saves for backward, its input excluded, by term.
+
+    With h = heads / tp, g = query_groups / tp, kv = head_dim (``--kv-channels``), f = ffn / tp:
+
+    * norm outputs and the mid-layer residual: 3 x [l, b, d] (/ tp under SP);
+    * attention, flash kernels: the fused QKV [l, b, (h + 2g) kv] (SDPA's v is a view of it),
+      rotated q and k and the SDPA output (the projection's input): 6 x [l, b, h kv] under MHA.
+      Under GQA (g < h) our SDPA module repeats k and v to every head before SDPA, which keeps
+      the repeated copies instead: q, k, v, output = 4 x [l, b, h kv]. Plus SDPA's fp32
+      log-sum-exp [b, h, l];
+    * attention, math kernel (CPU with ``--attention-dropout``): the scaled q and k, v (the fused
+      QKV; the repeated v under GQA), the softmax probabilities, the dropout mask and the dropped
+      probabilities (3 x [b, h, l, l]) and the projection's copy of the output; no log-sum-exp.
+      The CPU math kernel computes reduced-precision inputs in fp32 (q, k, v and the l x l
+      tensors in fp32, v then a copy);
+    * ``--recompute-modules core_attn``: the checkpoint keeps its inputs (fused QKV, rotated q,
+      rotated k at g heads), the projection keeps the output, plus the int32 mask-type tensor;
+      no log-sum-exp and no l x l tensors;
+    * MLP: GELU keeps its input (fc1 output, bias added) and output, 2 x [l, b, f]; SwiGLU keeps
+      the fc1 output [l, b, 2f] (the silu input is its first half), silu(gate), up + offset and
+      their product (fc2's input), 5 x [l, b, f]. Biases (``--disable-bias-linear``,
+      ``--add-qkv-bias``) change no saved size;
+    * the RoPE cos/sin tables of q and k: 4 x [l, rotary_dim];
+    * fp32 norm statistics: per norm [l, b] (RMSNorm) or 2 x [l, b] (LayerNorm);
+    * ``--hidden-dropout``: the masks of the attention and MLP bias-dropout-add,
+      2 x [l, b, d] at :func:`dropout_mask_bytes`.
     """
-    b, d, f, tp, act = setup.micro_batch_size, config.hidden_size, config.ffn_size, \
+    b, d, tp, act = setup.micro_batch_size, config.hidden_size, \
         setup.tensor_model_parallel_size, setup.act
     tokens = length * b
     heads = config.num_attention_heads // tp
-    rotary_dim = int(config.hidden_size // config.num_attention_heads * config.rotary_percent)
+    groups = config.query_groups // tp
+    kv = config.head_dim
     stats_per_norm = 1 if config.normalization == "RMSNorm" else 2
     selective = setup.recompute.recompute_granularity == "selective"
     modules = set(setup.recompute.recompute_modules or ["core_attn"]) if selective else set()
 
-    hidden = 3 * tokens * d // setup.sp * act
-    attention = 6 * tokens * d // tp * act
-    mlp = 2 * tokens * f // tp * act
-    rope = 4 * length * rotary_dim * act
-    lse = 4 if "core_attn" in modules else b * heads * length * FP32  # 4: mask-type int32
-    stats = 2 * stats_per_norm * tokens // setup.sp * FP32
-    return hidden + attention + mlp + rope + lse + stats
+    fused_qkv = tokens * (heads + 2 * groups) * kv * act
+    per_head = tokens * heads * kv  # elements of one [l, b, h kv] tensor
+    repeated = groups < heads       # SDPACoreAttention repeat_interleaves k and v
+    parts = {"norm outputs + residual": 3 * tokens * d // setup.sp * act}
+    if "core_attn" in modules:
+        parts["attention q, k, v, output"] = fused_qkv + 2 * per_head * act + tokens * groups * kv * act
+        parts["attention core"] = 4  # the checkpointed attn_mask_type, an int32 tensor
+    elif sdpa_math_kernel(config, setup):
+        math = max(act, FP32)  # reduced precision runs in fp32 in the CPU math kernel
+        value = per_head * math if (repeated or act != FP32) else fused_qkv
+        parts["attention q, k, v, output"] = 2 * per_head * math + value + per_head * act
+        parts["attention core"] = 3 * b * heads * length * length * math  # probs, mask, dropped
+    else:
+        value = per_head * act if repeated else fused_qkv
+        parts["attention q, k, v, output"] = 3 * per_head * act + value
+        parts["attention core"] = b * heads * length * FP32  # log-sum-exp
+    parts["mlp"] = (5 if config.swiglu else 2) * tokens * config.ffn_size // tp * act
+    parts["rope cos/sin"] = 4 * length * rotary_dim(config) * act
+    parts["norm statistics"] = 2 * stats_per_norm * tokens // setup.sp * FP32
+    if config.hidden_dropout > 0:
+        parts["dropout masks"] = 2 * tokens * d // setup.sp * dropout_mask_bytes(setup)
+    return parts
+
+
+def layer_internal_bytes(config: SpiralConfig, length: int, setup: MemorySetup) -> int:
+    """Bytes one layer call at ``length`` tokens saves for backward, its input excluded (the
+    terms are :func:`layer_internal_parts`)."""
+    return sum(layer_internal_parts(config, length, setup).values())
 
 
 def hidden_bytes(config: SpiralConfig, length: int, setup: MemorySetup) -> int:
@@ -186,6 +273,8 @@ def activation_breakdown(config: SpiralConfig, setup: MemorySetup) -> Dict[str, 
     hidden = hidden_bytes(config, length, setup)
     mesh = layout.is_looped and config.topology == "mesh"
     parts: Dict[str, int] = {"embedding ids": b * length * INT64}
+    if config.hidden_dropout > 0:  # megatron's embedding dropout (after the SP scatter)
+        parts["embedding dropout mask"] = length * b * d // setup.sp * dropout_mask_bytes(setup)
 
     # x (embeddings), v = f_pre(x), the states h^(t), u~^(t) and the final state
     states = 0
@@ -222,8 +311,7 @@ def activation_breakdown(config: SpiralConfig, setup: MemorySetup) -> Dict[str, 
     # targets and the bool target mask
     parts["logits + loss"] = length * b * (config.padded_vocab_size // tp * FP32 + INT64 + 1)
     if _uses_rope_checkpoint(config, setup):
-        rotary_dim = int(d // config.num_attention_heads * config.rotary_percent)
-        parts["rope table (checkpoint input)"] = length * rotary_dim * FP32
+        parts["rope table (checkpoint input)"] = length * rotary_dim(config) * FP32
     return {k: v for k, v in parts.items() if v}
 
 
@@ -272,19 +360,17 @@ def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
 
 # ------------------------------------------------------------------ weights and optimizer
 def params_per_rank(config: SpiralConfig, tp: int) -> int:
-    """Parameters held by one tensor-parallel rank: QKV / fc1 (weights and biases), out / fc2
-    weights and the vocabulary are split over TP; norms, out / fc2 biases, resamplers and MeSH
+    """Parameters held by one tensor-parallel rank: every layer's split tensors (QKV / fc1 weights
+    and biases, proj / fc2 weights; ``accounting.layer_param_tensors``) and the vocabulary (embedding and
+    an untied output layer) are divided by TP; norms, proj / fc2 biases, resamplers and MeSH
     routers are replicated."""
     total = count_params(config)
     if tp == 1:
         return total.total
-    d, f = config.hidden_size, config.ffn_size
-    split_per_layer = 3 * d * d + 3 * d + d * d + d * f + f + f * d
-    replicated_per_layer = layer_params(config) - split_per_layer
-    layers = config.parsed_layout.num_unique_layers
+    layers = config.num_weight_layers
     vocab = total.breakdown["embedding"] + total.breakdown["output_layer"]
     rest = total.total - layers * layer_params(config) - vocab
-    return layers * (split_per_layer // tp + replicated_per_layer) + vocab // tp + rest
+    return layers * layer_params_per_rank(config, tp) + vocab // tp + rest
 
 
 def bytes_per_parameter(setup: MemorySetup) -> Dict[str, float]:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import List, Optional
 
-from megatron_spiral.analysis.memory import (GIB, MemorySetup, largest_micro_batch,
+from megatron_spiral.analysis.memory import (GIB, MemorySetup, assumptions, largest_micro_batch,
                                              memory_report)
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model.recompute import MODES, RecomputeConfig, mode_config
@@ -76,6 +76,7 @@ def print_memory(name: str, config: SpiralConfig, setup: MemorySetup, capacity_g
     print(f"  {'backward working set':28s} {gib(report.backward_working)}")
     print(f"  {'total per GPU':28s} {gib(report.total)}  "
           f"({'fits' if report.total <= capacity_gb * GIB else 'does NOT fit'} {capacity_gb:g} GiB)")
+    print(f"  assumes {assumptions(config, setup)}")
     return report.as_dict()
 
 

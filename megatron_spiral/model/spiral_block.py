@@ -164,7 +164,9 @@ class SpiralBlock(MegatronModule):
         resampler = self.resamplers[t]
         if resampler.chunk_size == 1 and resampler.shift == 0:
             # identity resampling: the core runs on the local shard as it is (no gather/scatter,
-            # and no full-length copy of the state for autograd to keep)
+            # no full-length copy of the state for autograd to keep), and under loop recompute
+            # the checkpoint returns the core output itself: a view of it would keep megatron's
+            # bias-dropout-add graph (its masks, recorded under enable_grad) alive
             return self.core_stack(t)(hidden_states=state, attention_mask=None,
                                       rotary_pos_emb=rotary_pos_emb)  # eq. 9
         full_state = self._full_sequence(state)
