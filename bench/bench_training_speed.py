@@ -99,24 +99,31 @@ def train_step(model, ids: torch.Tensor) -> None:
 
 
 def saved_tensor_bytes(model, ids: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd keeps for backward during one forward pass (weights
-    included once when saved, as they are by linears; activations are the rest)."""
-    seen: Dict[int, int] = {}
+    """Bytes of the distinct storages autograd saved for backward during one forward pass that
+    are still alive after it (parameters excluded).
+
+    Alive, not merely packed: megatron-core's bias-dropout-add records a graph under
+    ``enable_grad`` even inside a no-grad checkpoint, which the checkpoint then frees, and a freed
+    address can be reused by a later saved tensor, so a storage counts while it lives."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: Dict[int, tuple] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen[ptr] = storage.nbytes()
+        if ptr not in params and (ptr not in kept or kept[ptr][1].expired()):
+            kept[ptr] = (storage.nbytes(), StorageWeakRef(storage))
         return tensor
 
     for param in model.parameters():
         param.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(ids, labels=ids).float().mean()
+    total = sum(size for size, ref in kept.values() if not ref.expired())
     del loss
-    return sum(seen.values())
+    return total
 
 
 def peak_activation_bytes(model, ids: torch.Tensor) -> int:

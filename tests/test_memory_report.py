@@ -222,38 +222,12 @@ ARCHITECTURES = {  # the Megatron-LM layer flags the memory model covers, one at
 }
 
 
-def _retained_saved_bytes(model, ids) -> int:
-    """Bytes of the storages autograd saved during one forward that are still alive after it.
-
-    bench_training_speed.saved_tensor_bytes counts every storage ever packed; with linear biases
-    and hidden dropout megatron-core's bias-dropout-add records a graph under enable_grad even
-    inside a no-grad checkpoint, which the checkpoint then frees, and a freed address can be reused
-    by a later saved tensor. Here a storage counts while it lives (a freed one is replaced)."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params and (ptr not in kept or kept[ptr][1].expired()):
-            kept[ptr] = (storage.nbytes(), StorageWeakRef(storage))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(ids, labels=ids)
-    total = sum(size for size, ref in kept.values() if not ref.expired())
-    del loss
-    return total
-
-
 def _measure_against_model(preset, extra, recompute):
     from megatron_spiral import build_model
 
     ids = torch.randint(0, 200, (2, 64), generator=torch.Generator().manual_seed(0))
     model = build_model(preset, seed=1, recompute=recompute, **TINY, **extra)
-    measured = _retained_saved_bytes(model.train(), ids)
+    measured = _bench().saved_tensor_bytes(model.train(), ids)
     predicted = activation_bytes(model.config, MemorySetup(micro_batch_size=2, recompute=recompute,
                                                            device="cpu"))
     return predicted, measured
