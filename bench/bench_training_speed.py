@@ -300,7 +300,7 @@ def print_recompute_table(entries: List[Entry], args, dtype: torch.dtype) -> Non
             continue
         saved, slower = ratios(name, mode)
         verdict = "met" if saved >= memory_goal and slower <= time_goal else "NOT met"
-        print(f"goal {goal:10s} {LABELS[name]:17s} ({mode}): {saved:5.2f}x less saved "
+        print(f"goal {goal:10s} {LABELS[name]:17s} {'(' + mode + ')':13s}: {saved:5.2f}x less saved "
               f"(goal >= {memory_goal:g}x) at {slower:5.3f}x step time (goal <= {time_goal:g}x): {verdict}")
 
 
