@@ -484,3 +484,29 @@ def test_ckpt_format_other_than_torch_dist_is_refused_with_reason():
     assert run_config(BASE + ["--ckpt-format", "torch_dist"]).checkpoint.ckpt_format == "torch_dist"
     with pytest.raises(CheckpointError, match="--ckpt-format torch: only torch_dist is supported"):
         run_config(BASE + ["--ckpt-format", "torch"])
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_run_naming_the_cause(tmp_path):
+    """Data made with a bigger tokenizer: without a check, TP=1 dies in the embedding (a CUDA
+    device-side assert) and TP > 1 trains on zeroed embeddings/logits (megatron's vocab-parallel
+    layers mask ids outside their shard). The run must stop before its first step, saving nothing."""
+    import numpy as np
+
+    from megatron_spiral.data.indexed_writer import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "other_tokenizer_text_document")
+    writer = IndexedDatasetWriter(prefix, np.uint16)
+    writer.add_documents((250 + np.arange(4000) % 50).astype(np.uint16), np.array([1000] * 4))
+    writer.finalize()
+    save = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--preset", "tiny", "--data-path", prefix, "--split", "100,0,0",
+         "--tokenizer-type", "NullTokenizer", "--vocab-size", "200", "--seq-length", "32",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+         "--save", str(save), "--save-interval", "1", "--num-workers", "0"],
+        capture_output=True, text=True, timeout=300, env=_env())
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert re.search(r"token id 2[5-9]\d in a training batch is outside the tokenizer's vocabulary "
+                     r"\(202 ids\): the dataset was preprocessed with another tokenizer", output), output[-3000:]
+    assert not save.exists() or not [name for name in os.listdir(save) if name.startswith("iter_")]

@@ -145,6 +145,40 @@ def build_data_loader(
     )
 
 
+class VocabularyCheckedBatches:
+    """A micro-batch iterator that refuses token ids outside the tokenizer's vocabulary.
+
+    Data preprocessed with another tokenizer would otherwise fail far from its cause: an index
+    error (CPU) or a device-side assert (CUDA) in the embedding at TP=1, and at TP > 1 megatron's
+    vocab-parallel embedding and cross entropy silently treat such ids as zero vectors / zero
+    logits. The check is one max over each CPU batch. Attributes (e.g. the DataLoader iterator's
+    worker handles used by :func:`shutdown_iterator`) are the wrapped iterator's."""
+
+    def __init__(self, batches: Iterator, vocab_size: int, split: str) -> None:
+        self.batches = batches
+        self.vocab_size = vocab_size
+        self.split = split
+
+    def __iter__(self) -> "VocabularyCheckedBatches":
+        return self
+
+    def __next__(self) -> dict:
+        from megatron_spiral.data.gpt_data import DataError
+
+        batch = next(self.batches)
+        top = max(int(batch["tokens"].max()), int(batch["labels"].max()))
+        if top >= self.vocab_size:
+            raise DataError(
+                f"token id {top} in a {self.split} batch is outside the tokenizer's vocabulary "
+                f"({self.vocab_size} ids): the dataset was preprocessed with another tokenizer. "
+                "Train with the tokenizer it was made with (--tokenizer-type / --tokenizer-model), "
+                "or preprocess it again with tools/preprocess_data.py and this tokenizer.")
+        return batch
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)
+
+
 def build_train_valid_test_data_iterators(
     data_config: DataConfig,
     tokenizer,
@@ -180,5 +214,6 @@ def build_train_valid_test_data_iterators(
             data_config.num_workers,
             cyclic=cyclic,
         )
-        iterators.append(iter(loader))
+        iterators.append(VocabularyCheckedBatches(iter(loader), tokenizer.vocab_size,
+                                                  ("training", "validation", "test")[i]))
     return tuple(iterators)
