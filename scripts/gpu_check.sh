@@ -12,37 +12,46 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dry=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry=1; done
 python_bin="${PYTHON:-python3}"
-venv="$root/.venv"
+# What the check imports beyond the machine's torch/numpy/packaging (versions: requirements.txt)
+needed=(megatron-core einops psutil tqdm tokenizers safetensors transformers)
+site="$root/.gpu_check_site"       # packages the machine lacks go here, not into its Python
+wheels="${GPU_CHECK_WHEELS:-$root/.whl}"
 
 if [ "$dry" = 0 ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "[gpu_check] error: nvidia-smi not found: this is not a CUDA machine; run with --dry-run" >&2
     exit 2
   fi
-  if [ ! -x "$venv/bin/python" ]; then
-    # --system-site-packages: reuse the machine's own CUDA build of torch instead of downloading one
-    echo "[gpu_check] creating $venv on top of the system's python (keeps its CUDA torch)"
-    "$python_bin" -m venv --system-site-packages "$venv"
-  fi
-  if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "[gpu_check] error: $venv/bin/python has no CUDA-enabled torch; install the machine's CUDA" \
-         "torch into the system python (or PYTHON=/path/to/python) and rerun" >&2
+  py="$python_bin"
+  if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "[gpu_check] error: $py has no CUDA-enabled torch; point PYTHON=/path/to/python at the" \
+         "machine's Python that holds its CUDA torch and rerun" >&2
     exit 2
   fi
-  stamp="$venv/.gpu_check_requirements.sha"
-  want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[gpu_check] installing requirements.txt (torch already satisfied by the system's build)"
-    "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$root/requirements.txt"
-    echo "$want" > "$stamp"
-  fi
-  py="$venv/bin/python"
 else
   # CI: whatever environment runs the tests (the repository's .venv when there is one)
   py="$python_bin"
-  [ -x "$venv/bin/python" ] && py="$venv/bin/python"
+  [ -x "$root/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && py="$root/.venv/bin/python"
 fi
 
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+# Install only what this Python lacks, without touching it (no venv: a venv made from a venv's
+# Python would not see that venv's CUDA torch). Offline machines: put wheels in .whl/ first
+# (scripts/gpu_wheels.sh, run where pip can reach an index).
+unmet="$(PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$py" "$root/scripts/unmet_requirements.py" \
+         "$root/requirements.txt" "${needed[@]}")"
+if [ -n "$unmet" ]; then
+  source_args=()
+  if [ -d "$wheels" ]; then source_args=(--no-index --find-links "$wheels"); fi
+  echo "[gpu_check] installing into $site: $(echo $unmet)${source_args:+ (from $wheels)}"
+  # shellcheck disable=SC2086 # one requirement per line
+  if ! "$py" -m pip install --disable-pip-version-check -q --no-deps --target "$site" \
+       "${source_args[@]}" $unmet; then
+    echo "[gpu_check] error: could not install $(echo $unmet). On a machine without internet, run" \
+         "scripts/gpu_wheels.sh where pip works and bring its .whl/ folder along" >&2
+    exit 2
+  fi
+fi
+
+export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
 exec "$py" bench/gpu_check.py "$@"

@@ -46,3 +46,22 @@ def test_failing_parity_check_exits_1():
 def test_without_a_gpu_the_real_run_refuses_with_a_hint():
     proc = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, env=_env(), timeout=60)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+def test_unmet_requirements_lists_only_what_this_python_lacks(tmp_path, capsys):
+    """gpu_check.sh installs, next to a GPU machine's own CUDA torch, only the requirements its
+    Python does not satisfy (scripts/unmet_requirements.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import unmet_requirements
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nnumpy\nmegatron-core>=999  # too new\npackaging<1\n"
+                            "surely-not-installed-xyz\n-e .\n")
+    parsed = unmet_requirements.read_requirements(str(requirements))
+    assert unmet_requirements.unmet(parsed) == ["megatron-core>=999", "packaging<1", "surely-not-installed-xyz"]
+    assert unmet_requirements.unmet(parsed, ["numpy", "Megatron_Core"]) == ["megatron-core>=999"]
+    with pytest.raises(SystemExit, match="torch not in the requirements file"):
+        unmet_requirements.unmet(parsed, ["torch"])
+    # the repository's own requirements are met by the environment the tests run in
+    assert unmet_requirements.main([os.path.join(ROOT, "requirements.txt"), "megatron-core", "transformers"]) == 0
+    assert capsys.readouterr().out == ""
