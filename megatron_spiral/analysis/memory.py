@@ -26,6 +26,7 @@ follow that rule and are not validated by measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -33,7 +34,7 @@ from typing import Dict, Optional
 from megatron_spiral.analysis.accounting import count_params, layer_params, layer_params_per_rank
 from megatron_spiral.config import SpiralConfig
 from megatron_spiral.model.chunking import num_chunks
-from megatron_spiral.model.recompute import RecomputeConfig
+from megatron_spiral.model.recompute import RecomputeConfig, stack_recompute_overrides
 
 FP32 = 4
 INT64 = 8
@@ -338,7 +339,7 @@ def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
     logits_grad = length * setup.micro_batch_size * config.padded_vocab_size \
         // setup.tensor_model_parallel_size * setup.act
     rc = setup.recompute
-    plain = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig()})
+    plain = dataclasses.replace(setup, recompute=RecomputeConfig())
     layer_unit = 0
     if rc.recompute_granularity == "full":
         per = 1 if rc.recompute_method == "block" else min(
@@ -346,13 +347,11 @@ def backward_working_bytes(config: SpiralConfig, setup: MemorySetup) -> int:
         layer_unit = per * (layer_internal_bytes(config, length, plain) + hidden_bytes(config, length, plain))
     if not (rc.spiral_recompute_loop and config.parsed_layout.is_looped):
         return logits_grad + layer_unit
-    nested = rc.recompute_granularity == "full" and rc.recompute_method == "uniform"
-    selective = rc.recompute_granularity == "selective"  # stays on inside the iteration
-    inner = MemorySetup(**{**setup.__dict__, "recompute": RecomputeConfig(
-        recompute_granularity=rc.recompute_granularity if nested or selective else None,
-        recompute_method=rc.recompute_method if nested else None,
-        recompute_num_layers=rc.recompute_num_layers if nested else None,
-        recompute_modules=rc.recompute_modules)})
+    # the core's own recompute inside the iteration checkpoint, by the rule the model builds it with
+    core = stack_recompute_overrides(rc, config.parsed_layout.num_loop, inside_loop_checkpoint=True)
+    inner = dataclasses.replace(setup, recompute=dataclasses.replace(
+        rc, spiral_recompute_loop=False, **core))
+    nested = inner.recompute.recompute_granularity == "full"
     iteration = max(sum(iteration_bytes(config, t, length, inner).values())
                     for t in range(config.num_iterations))
     return logits_grad + (iteration + layer_unit if nested else max(iteration, layer_unit))
@@ -417,7 +416,7 @@ def largest_micro_batch(config: SpiralConfig, setup: MemorySetup, capacity_bytes
     """Largest --micro-batch-size whose :func:`memory_report` total fits ``capacity_bytes``
     (0 when not even one sequence fits). Memory grows with the batch: bisection."""
     def fits(batch: int) -> bool:
-        trial = MemorySetup(**{**setup.__dict__, "micro_batch_size": batch})
+        trial = dataclasses.replace(setup, micro_batch_size=batch)
         return memory_report(config, trial).total <= capacity_bytes
 
     low, high = 0, limit + 1  # fits(low) holds (or low == 0), fits(high) does not

@@ -163,11 +163,11 @@ class VocabularyCheckedBatches:
         return self
 
     def __next__(self) -> dict:
-        from megatron_spiral.data.gpt_data import DataError
-
         batch = next(self.batches)
         top = max(int(batch["tokens"].max()), int(batch["labels"].max()))
         if top >= self.vocab_size:
+            from megatron_spiral.data.gpt_data import DataError  # not on the per-batch path
+
             raise DataError(
                 f"token id {top} in a {self.split} batch is outside the tokenizer's vocabulary "
                 f"({self.vocab_size} ids): the dataset was preprocessed with another tokenizer. "
