@@ -17,16 +17,12 @@ py="${PYTHON:-python3}"
 target="${PYTHON_VERSION:-3.12}"
 names=("$@")
 [ "${#names[@]}" -gt 0 ] || names=(megatron-core)
-specs=()
-for name in "${names[@]}"; do
-  spec="$( (grep -iE "^${name}([<>=!~ ;#]|$)" "$root/requirements.txt" || true) | head -1 \
-          | sed 's/#.*//; s/ *$//')"
-  if [ -z "$spec" ]; then
-    echo "[gpu_wheels] error: $name is not in requirements.txt" >&2
-    exit 2
-  fi
-  specs+=("$spec")
-done
+# the requirements.txt specifiers of those names (one parser: scripts/unmet_requirements.py)
+specs_text="$("$py" "$root/scripts/unmet_requirements.py" --all "$root/requirements.txt" "${names[@]}" 2>&1)" || {
+  echo "[gpu_wheels] error: $specs_text" >&2
+  exit 2
+}
+mapfile -t specs <<< "$specs_text"
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
            manylinux2014_x86_64 manylinux1_x86_64; do

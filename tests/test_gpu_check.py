@@ -60,6 +60,9 @@ def test_unmet_requirements_lists_only_what_this_python_lacks(tmp_path, capsys):
     parsed = unmet_requirements.read_requirements(str(requirements))
     assert unmet_requirements.unmet(parsed) == ["megatron-core>=999", "packaging<1", "surely-not-installed-xyz"]
     assert unmet_requirements.unmet(parsed, ["numpy", "Megatron_Core"]) == ["megatron-core>=999"]
+    # --all (scripts/gpu_wheels.sh): the named specifiers, met or not
+    assert unmet_requirements.unmet(parsed, ["numpy", "megatron-core"], met_too=True) == [
+        "numpy", "megatron-core>=999"]
     with pytest.raises(SystemExit, match="torch not in the requirements file"):
         unmet_requirements.unmet(parsed, ["torch"])
     # the repository's own requirements are met by the environment the tests run in
